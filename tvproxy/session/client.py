@@ -1,0 +1,651 @@
+"""One client connection: startup, auth, and the transaction state machine of the data path.
+
+Client bytes are framed by header only; complete messages are forwarded to the linked server
+in one write per chunk, rewritten only for named prepared statements.  Every forwarded request
+pushes what its response looks like onto ``expect`` so that server replies can be matched:
+that is how the session knows when the server is free (ReadyForQuery 'I' with nothing
+outstanding), which replies it must swallow (its own SET/Parse/Close) and where to insert the
+replies it makes up (ParseComplete/CloseComplete the client expects but the server never sees).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import secrets
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+from tvproxy.log import get_logger
+from tvproxy.pool.server import ServerConnection, ServerLoginError
+from tvproxy.protocol import CONTINUATION, Framer, ProtocolError
+from tvproxy.protocol import build as B
+from tvproxy.protocol import decode as D
+from tvproxy.session import params as P
+from tvproxy.session.auth import authenticate
+from tvproxy.session.prepared import PreparedStatement
+
+if TYPE_CHECKING:
+    from tvproxy.pool.pool import Pool
+    from tvproxy.server import ProxyServer
+
+log = get_logger("tvproxy.client")
+_ids = itertools.count(1)
+
+# expectation kinds (ints on the hot path; tuples carry data for the rare ones)
+EXP_QUERY = 0      # forward everything up to and including ReadyForQuery
+EXP_SKIPQ = 1      # proxy's own simple query: swallow everything up to ReadyForQuery
+EXP_EXT = 2        # extended request: forward up to its terminal reply
+EXP_SYNC = 3       # Sync: forward ReadyForQuery
+EXP_SKIP1 = 4      # proxy's own Close: swallow its terminal reply
+EXP_PARAMS = 5     # proxy's SET re-applying client settings: swallow, hold the client meanwhile
+FAKE = 10          # (FAKE, bytes): reply made by the proxy, emitted when it reaches the head
+PARSE_NEW = 11     # (PARSE_NEW, name, skip): Parse of a statement new to this server
+
+TERMINALS = frozenset(b"123CIsnT")
+ADMIN_DATABASES = ("tvproxy", "pgbouncer")
+
+
+class ClientSession(asyncio.Protocol):
+    def __init__(self, proxy: ProxyServer) -> None:
+        self.proxy = proxy
+        self.id = next(_ids)
+        self.transport: asyncio.Transport | None = None
+        self.framer = Framer(max_size=proxy.cfg.proxy.max_packet_size)
+        self.closed = False
+        self.ready = False
+        self.user = ""
+        self.database = ""
+        self.params: dict[str, str] = {}
+        self.param_version = 0
+        self.pool: Pool | None = None
+        self.server: ServerConnection | None = None
+        self.expect: deque = deque()
+        self.copy_in = False
+        self.waiting = False
+        self.holding = False
+        self.param_error: dict[str, str] | None = None
+        self.wait_started = 0.0
+        self.connect_time = time.time()
+        self.request_time = self.connect_time
+        self.login_started = time.monotonic()
+        self.idle_since = time.monotonic()
+        self.prepared: dict[bytes, PreparedStatement] = {}
+        self.pid = secrets.randbits(31) or 1
+        self.secret = secrets.randbits(32)
+        self.addr = ("", 0)
+        self.local_addr = ("", 0)
+        self.admin = None
+        self.stats = None
+        self.tview = None  # seam for the TVIEW engine (statement seen / before commit / tx end)
+        self._startup = bytearray()
+        self._waiter: asyncio.Future[None] | None = None
+        self._task: asyncio.Task | None = None
+
+    # --- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        sock = transport.get_extra_info("sockname")
+        if isinstance(peer, tuple):
+            self.addr = (str(peer[0]), int(peer[1]))
+        if isinstance(sock, tuple):
+            self.local_addr = (str(sock[0]), int(sock[1]))
+        self.proxy.client_connected(self)
+        self._task = asyncio.get_running_loop().create_task(self._login())
+
+    def data_received(self, data: bytes) -> None:
+        if self.ready:
+            stats = self.stats
+            if stats is not None:
+                stats.bytes_received += len(data)
+            self.framer.feed(data)
+            if self.admin is not None:
+                self.admin.process()
+            else:
+                self._process_client()
+            return
+        if self._task is not None and self.ready is False and self._startup is not None:
+            self._startup += data
+            w = self._waiter
+            if w is not None and not w.done():
+                w.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disconnect()
+
+    def pause_writing(self) -> None:
+        if self.server is not None and self.server.transport is not None:
+            self.server.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.server is not None and self.server.transport is not None:
+            self.server.transport.resume_reading()
+
+    # --- writing and failing ---------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)
+
+    def fatal(self, sqlstate: str, message: str, detail: str | None = None) -> None:
+        """Send a FATAL ErrorResponse and close this connection only."""
+        if not self.closed:
+            self.write(B.error_response(sqlstate, message, "FATAL", detail))
+            if self.transport is not None:
+                self.transport.close()
+        self._disconnect()
+
+    def fail_waiting(self, err: ServerLoginError) -> None:
+        self.waiting = False
+        self.fatal(err.sqlstate, err.message)
+
+    # --- login -----------------------------------------------------------------------------
+
+    async def _read_exact(self, n: int) -> bytes:
+        while len(self._startup) < n:
+            if self.closed:
+                raise ConnectionError
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+            self._waiter = None
+        data = bytes(self._startup[:n])
+        del self._startup[:n]
+        return data
+
+    async def read_message(self) -> tuple[int, bytes]:
+        """Next whole message during login (auth exchange)."""
+        header = await self._read_exact(5)
+        length = int.from_bytes(header[1:5], "big")
+        if length < 4 or length > 65536:
+            raise ProtocolError(f"invalid message length {length} during authentication")
+        return header[0], await self._read_exact(length - 4)
+
+    async def _login(self) -> None:
+        timeout = self.proxy.cfg.proxy.client_login_timeout
+        try:
+            await asyncio.wait_for(self._handshake(), timeout or None)
+        except TimeoutError:
+            self.fatal("08P01", "client_login_timeout")
+        except ProtocolError as exc:
+            self.proxy.stats.protocol_errors += 1
+            log.info("client protocol error during login", client=self.id, error=exc.message)
+            self.fatal(exc.sqlstate, exc.message)
+        except ServerLoginError as exc:
+            self.fatal(exc.sqlstate, exc.message)
+        except ConnectionError:
+            self._disconnect()
+
+    async def _handshake(self) -> None:
+        while True:
+            header = await self._read_exact(4)
+            length = D.startup_packet_length(header)
+            packet = D.parse_startup(header + await self._read_exact(length - 4))
+            if isinstance(packet, D.SSLRequest | D.GSSENCRequest):
+                self.write(b"N")
+                continue
+            if isinstance(packet, D.CancelRequest):
+                self.proxy.forward_cancel(packet.pid, packet.secret)
+                self._close_transport()
+                return
+            break
+        assert isinstance(packet, D.StartupMessage)
+        if packet.minor > 0 or packet.unknown_options:
+            self.write(B.negotiate_protocol_version(0, packet.unknown_options))
+        startup = packet.params
+        self.user = startup.get("user", "")
+        if not self.user:
+            raise ProtocolError("no PostgreSQL user name specified in startup packet", "28000")
+        self.database = startup.get("database") or self.user
+        ignore = frozenset(self.proxy.cfg.proxy.ignore_startup_parameters)
+        self.params = P.tracked_params(startup, ignore)
+        if not self.proxy.admit_client(self):
+            raise ServerLoginError("no more connections allowed (max_client_conn)", "53300")
+        is_admin = self.database in ADMIN_DATABASES
+        if is_admin:
+            if not self.proxy.is_admin_user(self.user):
+                await authenticate(self, self.proxy)  # no hint on who is allowed before auth
+                raise ServerLoginError(f'not allowed to connect to admin console as "{self.user}"', "28000")
+        elif self.database not in self.proxy.cfg.databases:
+            raise ServerLoginError(f'no such database: {self.database}', "3D000")
+        await authenticate(self, self.proxy)
+        if is_admin:
+            from tvproxy.admin.console import AdminSession
+
+            self.admin = AdminSession(self.proxy, self)
+            welcome = self.proxy.admin_welcome()
+        else:
+            self.pool = self.proxy.get_pool(self.database, self.user)
+            self.stats = self.pool.stats
+            welcome = dict(await self.pool.get_welcome())
+            for key in welcome:
+                if key in self.params:
+                    welcome[key] = self.params[key]
+        self.stats = self.stats or self.proxy.stats.for_db(self.database)
+        self.stats.client_login_count += 1
+        out = [B.auth_ok()]
+        out += [B.parameter_status(k, v) for k, v in welcome.items()]
+        out.append(B.backend_key_data(self.pid, self.secret))
+        out.append(B.ready_for_query(b"I"))
+        self.write(b"".join(out))
+        self.proxy.register_cancel_key(self)
+        self.ready = True
+        rest = bytes(self._startup)
+        self._startup = bytearray()
+        log.info("client login", client=self.id, user=self.user, database=self.database,
+                 addr=self.addr[0])
+        if rest:
+            self.data_received(rest)
+
+    # --- client -> server ------------------------------------------------------------------
+
+    def _process_client(self) -> None:
+        if self.waiting or self.holding or self.closed:
+            return
+        framer = self.framer
+        server = self.server
+        out: list[bytes] = []
+        run = -1  # start of a run of messages forwarded unchanged
+        expect = self.expect
+        buf = framer.buffer
+        try:
+            while (m := framer.next()) is not None:
+                mtype, start, end = m
+                if server is None:
+                    if mtype == 0x58:  # Terminate while idle
+                        self._close_transport()
+                        return
+                    server = self._link()
+                    if server is None or self.holding:
+                        framer.unread(start)
+                        if server is None and self.transport is not None:
+                            self.transport.pause_reading()
+                        break
+                    buf = framer.buffer
+                if mtype == 0x51:  # Query
+                    expect.append(EXP_QUERY)
+                    self.request_time = time.time()
+                elif mtype == 0x53:  # Sync
+                    expect.append(EXP_SYNC)
+                elif mtype == 0x42:  # Bind
+                    if buf[start + 5] != 0 and self.prepared_mapping:
+                        run = self._flush_run(out, buf, run, start)
+                        self._bind(out, bytes(buf[start + 5:end]))
+                        run = -1
+                        continue
+                    expect.append(EXP_EXT)
+                elif mtype == 0x45 or mtype == 0x50 and buf[start + 5] == 0:  # Execute / unnamed Parse
+                    expect.append(EXP_EXT)
+                elif mtype == 0x50:  # named Parse
+                    if self.prepared_mapping:
+                        run = self._flush_run(out, buf, run, start)
+                        self._parse(out, bytes(buf[start + 5:end]))
+                        run = -1
+                        continue
+                    expect.append(EXP_EXT)
+                elif mtype == 0x44 or mtype == 0x43:  # Describe / Close
+                    if buf[start + 5] == 0x53 and buf[start + 6] != 0 and self.prepared_mapping:
+                        run = self._flush_run(out, buf, run, start)
+                        self._describe_or_close(out, mtype, bytes(buf[start + 5:end]))
+                        run = -1
+                        continue
+                    expect.append(EXP_EXT)
+                elif mtype == 0x46:  # FunctionCall
+                    expect.append(EXP_QUERY)
+                elif mtype in (0x64, 0x63, 0x66, 0x48, CONTINUATION):  # copy data/done/fail, Flush
+                    pass
+                elif mtype == 0x58:  # Terminate while linked
+                    self._flush_run(out, buf, run, start)
+                    if out:
+                        server.write(b"".join(out))
+                    self._close_transport()
+                    return
+                else:
+                    raise ProtocolError(f"invalid frontend message type {mtype}")
+                if run < 0:
+                    run = start
+        except ProtocolError as exc:
+            self.proxy.stats.protocol_errors += 1
+            log.info("client protocol error", client=self.id, error=exc.message)
+            self.fatal(exc.sqlstate, exc.message)
+            return
+        if run >= 0:
+            pos = framer.position
+            out.append(buf[run:pos] if type(buf) is bytes else bytes(buf[run:pos]))
+        if out and server is not None:
+            server.write(out[0] if len(out) == 1 else b"".join(out))
+
+    @staticmethod
+    def _flush_run(out: list[bytes], buf: bytes | bytearray, run: int, start: int) -> int:
+        if run >= 0 and start > run:
+            out.append(bytes(buf[run:start]))
+        return -1
+
+    @property
+    def prepared_mapping(self) -> bool:
+        pool = self.pool
+        return (pool is not None and pool.pool_mode == "transaction"
+                and self.proxy.cfg.proxy.max_prepared_statements > 0)
+
+    def _push_fake(self, reply: bytes) -> None:
+        if self.expect:
+            self.expect.append((FAKE, reply))
+        else:
+            self.write(reply)
+
+    def _ensure_on_server(self, out: list[bytes], stmt: PreparedStatement) -> None:
+        server = self.server
+        assert server is not None
+        if stmt.server_name in server.prepared:
+            server.prepared.move_to_end(stmt.server_name)
+            return
+        self._evict(out, server)
+        out.append(stmt.parse_msg)
+        server.prepared[stmt.server_name] = None
+        self.expect.append((PARSE_NEW, stmt.server_name, True))
+        self.stats.server_parse_count += 1
+
+    def _evict(self, out: list[bytes], server: ServerConnection) -> None:
+        limit = self.proxy.cfg.proxy.max_prepared_statements
+        while len(server.prepared) >= limit:
+            name, _ = server.prepared.popitem(last=False)
+            out.append(B.close_statement(name))
+            self.expect.append(EXP_SKIP1)
+
+    def _parse(self, out: list[bytes], body: bytes) -> None:
+        name, _sql, pos = D.parse_message(body)
+        server = self.server
+        assert server is not None
+        self.stats.client_parse_count += 1
+        existing = self.prepared.get(name)
+        if existing is not None:
+            # PostgreSQL answers 42P05; let the server say so for the shared statement.
+            self._ensure_on_server(out, existing)
+            out.append(existing.parse_msg)
+            self.expect.append(EXP_EXT)
+            return
+        stmt = self.proxy.prepared.acquire(body[pos:])
+        self.prepared[name] = stmt
+        if stmt.server_name in server.prepared:
+            server.prepared.move_to_end(stmt.server_name)
+            self._push_fake(B.PARSE_COMPLETE)
+            return
+        self._evict(out, server)
+        out.append(stmt.parse_msg)
+        server.prepared[stmt.server_name] = None
+        self.expect.append((PARSE_NEW, stmt.server_name, False))
+        self.stats.server_parse_count += 1
+
+    def _bind(self, out: list[bytes], body: bytes) -> None:
+        portal, name, pos = D.bind_names(body)
+        self.stats.bind_count += 1
+        stmt = self.prepared.get(name)
+        if stmt is None:  # unknown name: the server answers 26000 with the client's own name
+            out.append(B.message(b"B", body))
+        else:
+            self._ensure_on_server(out, stmt)
+            out.append(B.message(b"B", portal + b"\x00" + stmt.server_name + b"\x00" + body[pos:]))
+        self.expect.append(EXP_EXT)
+
+    def _describe_or_close(self, out: list[bytes], mtype: int, body: bytes) -> None:
+        _kind, name = D.describe_or_close(body)
+        if mtype == 0x43:  # Close statement: answered by the proxy
+            stmt = self.prepared.pop(name, None)
+            if stmt is not None:
+                self.proxy.prepared.release(stmt)
+            self._push_fake(B.CLOSE_COMPLETE)
+            return
+        stmt = self.prepared.get(name)
+        if stmt is None:
+            out.append(B.message(b"D", body))
+        else:
+            self._ensure_on_server(out, stmt)
+            out.append(B.message(b"D", b"S" + stmt.server_name + b"\x00"))
+        self.expect.append(EXP_EXT)
+
+    # --- linking ---------------------------------------------------------------------------
+
+    def _link(self) -> ServerConnection | None:
+        pool = self.pool
+        assert pool is not None
+        server = pool.checkout(self)
+        if server is None:
+            self.waiting = True
+            return None
+        self._attach(server)
+        return server
+
+    def assign_server(self, server: ServerConnection) -> None:
+        """Called by the pool when a server frees up for this waiting client."""
+        self.waiting = False
+        self.stats.wait_time += int((time.monotonic() - self.wait_started) * 1e6)
+        self._attach(server)
+        if self.transport is not None:
+            self.transport.resume_reading()
+        self._process_client()
+
+    def _attach(self, server: ServerConnection) -> None:
+        server.client = self
+        self.server = server
+        now = time.monotonic()
+        server.link_time = now
+        self.stats.server_assignment_count += 1
+        if server.param_owner != (self.id, self.param_version):
+            sql = P.apply_sql(self.params, server.params, server.login_params, server.params_set)
+            if sql:
+                self.holding = True
+                self.expect.append(EXP_PARAMS)
+                server.write(B.query(sql))
+                # what the server does not report back is known from what was sent
+                for key, value in self.params.items():
+                    server.params[key] = value
+                    server.params_set.add(key)
+                for key in list(server.params_set - self.params.keys()):
+                    default = server.login_params.get(key)
+                    if default is None:
+                        server.params.pop(key, None)
+                        server.params_set.discard(key)
+                    else:
+                        server.params[key] = default
+            server.param_owner = (self.id, self.param_version)
+
+    def _release_server(self) -> None:
+        server = self.server
+        if server is None:
+            return
+        self.server = None
+        self.stats.xact_time += int((time.monotonic() - server.link_time) * 1e6)
+        self.idle_since = time.monotonic()
+        assert self.pool is not None
+        self.pool.release(server)
+
+    # --- server -> client ------------------------------------------------------------------
+
+    def server_data(self, server: ServerConnection, data: bytes) -> None:
+        stats = self.stats
+        stats.bytes_sent += len(data)
+        framer = server.framer
+        expect = self.expect
+        out: list[bytes] = []
+        run = -1
+        release = False
+        resume = False
+        try:
+            framer.feed(data)
+            buf = framer.buffer
+            while (m := framer.next()) is not None:
+                mtype, start, end = m
+                head = expect[0] if expect else EXP_QUERY
+                if mtype == 0x5A:  # ReadyForQuery
+                    status = buf[start + 5:start + 6]
+                    server.status = status
+                    self.copy_in = False
+                    while expect and type(expect[0]) is not int:
+                        self._drop_head()
+                    if expect:
+                        head = expect.popleft()
+                    stats.query_count += 1
+                    if status == b"I":
+                        stats.xact_count += 1
+                    if head == EXP_PARAMS or head == EXP_SKIPQ:
+                        run = self._flush_run(out, buf, run, start)
+                        if head == EXP_PARAMS:
+                            self.holding = False
+                            resume = True
+                        self._emit_fakes(out)
+                        continue
+                    self._emit_fakes(out)
+                    if not expect and status == b"I" and self.pool.pool_mode != "session":
+                        release = True
+                elif head == EXP_PARAMS or head == EXP_SKIPQ:
+                    run = self._flush_run(out, buf, run, start)
+                    if mtype == 0x53:  # ParameterStatus: learn the canonical value, tell the client
+                        self._parameter_status(server, bytes(buf[start + 5:end]))
+                        out.append(bytes(buf[start:end]))
+                    elif mtype == 0x45 and head == EXP_PARAMS:
+                        self.param_error = D.error_fields(bytes(buf[start + 5:end]))
+                    continue
+                elif mtype == 0x45:  # ErrorResponse
+                    self.copy_in = False
+                    if type(head) is tuple or head == EXP_EXT or head == EXP_SKIP1:
+                        # the server skips everything up to the next Sync
+                        while expect and expect[0] != EXP_SYNC:
+                            self._drop_head(error=True)
+                elif mtype in TERMINALS:
+                    if head == EXP_QUERY or head == EXP_SYNC:
+                        if mtype == 0x43:
+                            self._command_complete(server, buf, start, end)
+                    else:
+                        expect.popleft()
+                        if mtype == 0x43:
+                            self.copy_in = False
+                            self._command_complete(server, buf, start, end)
+                        if head == EXP_SKIP1 or type(head) is tuple and head[0] == PARSE_NEW and head[2]:
+                            run = self._flush_run(out, buf, run, start)
+                            self._emit_fakes(out)
+                            continue
+                        if expect and type(expect[0]) is tuple:
+                            if run < 0:
+                                run = start
+                            run = self._flush_run(out, buf, run, end)
+                            self._emit_fakes(out)
+                            continue
+                elif mtype == 0x53:
+                    self._parameter_status(server, bytes(buf[start + 5:end]))
+                elif mtype == 0x47:  # CopyInResponse
+                    self.copy_in = True
+                if run < 0:
+                    run = start
+            if run >= 0:
+                pos = framer.position
+                out.append(buf[run:pos] if type(buf) is bytes else bytes(buf[run:pos]))
+        except ProtocolError as exc:
+            log.warning("server protocol error", server=server.id, error=exc.message)
+            server.close()
+            return
+        if out:
+            self.write(out[0] if len(out) == 1 else b"".join(out))
+        if release:
+            self._release_server()
+            if self.framer.pending():
+                self._process_client()
+        elif resume:
+            if self.param_error is not None:
+                err = self.param_error
+                self.param_error = None
+                self._release_server()
+                self.fatal(err.get("C", "22023"), err.get("M", "invalid startup parameter"))
+                return
+            self._process_client()
+
+    def _drop_head(self, error: bool = False) -> None:
+        head = self.expect.popleft()
+        if type(head) is tuple and head[0] == PARSE_NEW and error and self.server is not None:
+            self.server.prepared.pop(head[1], None)
+
+    def _emit_fakes(self, out: list[bytes]) -> None:
+        expect = self.expect
+        while expect and type(expect[0]) is tuple and expect[0][0] == FAKE:
+            out.append(expect.popleft()[1])
+
+    def _command_complete(self, server: ServerConnection, buf: bytes | bytearray, start: int,
+                          end: int) -> None:
+        tag = bytes(buf[start + 5:start + 19])
+        if tag.startswith((b"DISCARD ALL", b"RESET")):
+            # settings went back to the server's defaults; forget what the proxy had set
+            for key in server.params_set - server.login_params.keys():
+                server.params.pop(key, None)
+            server.param_owner = None
+        if tag.startswith((b"DISCARD ALL", b"DEALLOCATE ALL")):
+            server.prepared.clear()
+            for stmt in self.prepared.values():
+                self.proxy.prepared.release(stmt)
+            self.prepared.clear()
+
+    def _parameter_status(self, server: ServerConnection, body: bytes) -> None:
+        key, value = D.parameter_status(body)
+        server.params[key] = value
+        if key in self.params or key in P.REPORTED_TRACKED:
+            if self.params.get(key) != value:
+                self.params[key] = value
+                self.param_version += 1
+            server.param_owner = (self.id, self.param_version)
+
+    # --- endings ---------------------------------------------------------------------------
+
+    def server_lost(self, server: ServerConnection) -> None:
+        if self.server is server:
+            self.server = None
+            self.expect.clear()
+            self.holding = False
+            self.fatal("08006", "server conn crashed?",
+                       "the server connection was closed while this client was using it")
+
+    def _close_transport(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+        self._disconnect()
+
+    def _disconnect(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.ready = False
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+        if self.waiting and self.pool is not None:
+            self.pool.forget_waiter(self)
+        self.waiting = False
+        server = self.server
+        if server is not None and self.pool is not None:
+            self.server = None
+            if server.closed:
+                pass
+            elif self.expect or self.copy_in:
+                server.close()  # a request is in flight: its state is unknown
+            elif self.pool.pool_mode == "session":
+                self.pool.cleanup(server, self.proxy.cfg.proxy.server_reset_query or "DISCARD ALL")
+            elif server.status != b"I":
+                self.pool.cleanup(server, "ROLLBACK")
+            else:
+                self.pool.release(server)
+        for stmt in self.prepared.values():
+            self.proxy.prepared.release(stmt)
+        self.prepared.clear()
+        self.proxy.client_gone(self)
+
+    # --- introspection for the admin console -----------------------------------------------
+
+    @property
+    def state(self) -> str:
+        if not self.ready:
+            return "login"
+        if self.waiting:
+            return "waiting"
+        if self.server is not None:
+            return "active"
+        return "idle"
+
