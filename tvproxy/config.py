@@ -679,8 +679,12 @@ def _from_dict(
     return b.finish(cfg)
 
 
+_PGBOUNCER_SECTION_RE = re.compile(r"(?m)^\s*\[pgbouncer\]\s*$")
+
+
 def load_config(path: str, env: Mapping[str, str] | None = None) -> Config:
-    """Load a TOML file (or a ``.ini`` file in PgBouncer's format) and apply env overrides.
+    """Load a TOML file (or a PgBouncer ini file: ``*.ini`` or one with a ``[pgbouncer]``
+    section) and apply environment overrides.
 
     ``env`` defaults to ``os.environ``; pass ``{}`` to ignore the environment.
     """
@@ -693,7 +697,7 @@ def load_config(path: str, env: Mapping[str, str] | None = None) -> Config:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(path, "", "config file is not valid UTF-8") from None
-    if path.endswith(".ini"):
+    if path.endswith(".ini") or _PGBOUNCER_SECTION_RE.search(text):
         return parse_pgbouncer_ini(text, path, env)
     return parse_config(text, path, env)
 

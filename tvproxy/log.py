@@ -91,8 +91,31 @@ def configure_logging(level: str = "info", json: bool | None = None) -> None:
 
 
 def get_logger(name: str, **initial: Any) -> Any:
-    """A structlog bound logger carrying ``logger=name`` (plus any initial key/values)."""
-    return structlog.get_logger().bind(logger=name, **initial)
+    """A logger carrying ``logger=name`` (plus any initial key/values).
+
+    Modules create theirs at import time, before ``configure_logging`` runs; every call is
+    resolved against the configuration in force at that moment.
+    """
+    return _LazyLogger({"logger": name, **initial})
+
+
+class _LazyLogger:
+    __slots__ = ("_values",)
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self._values = values
+
+    def bind(self, **values: Any) -> _LazyLogger:
+        return _LazyLogger({**self._values, **values})
+
+    def new(self, **values: Any) -> _LazyLogger:
+        return _LazyLogger({"logger": self._values.get("logger"), **values})
+
+    def unbind(self, *keys: str) -> _LazyLogger:
+        return _LazyLogger({k: v for k, v in self._values.items() if k not in keys})
+
+    def __getattr__(self, method: str) -> Any:
+        return getattr(structlog.get_logger().bind(**self._values), method)
 
 
 def _identity(_logger: Any, _name: str, event_dict: Any) -> Any:
