@@ -30,8 +30,13 @@ EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 
 
-def _conf_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "conf"
+def _demo_sql_path() -> Path:
+    """conf/demo.sql of a source/editable install, else ./conf/demo.sql."""
+    candidates = [Path(__file__).resolve().parent.parent / "conf", Path.cwd() / "conf"]
+    for c in candidates:
+        if (c / "demo.sql").is_file():
+            return c / "demo.sql"
+    return candidates[0] / "demo.sql"
 
 
 def _apply_sets(sets: list[str] | None) -> None:
@@ -167,7 +172,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILURE
-    sql_path = _conf_dir() / "demo.sql"
+    sql_path = _demo_sql_path()
     try:
         sql = sql_path.read_text()
     except OSError as e:
