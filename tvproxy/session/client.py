@@ -41,7 +41,7 @@ EXP_SYNC = 3       # Sync: forward ReadyForQuery
 EXP_SKIP1 = 4      # proxy's own Close: swallow its terminal reply
 EXP_PARAMS = 5     # proxy's SET re-applying client settings: swallow, hold the client meanwhile
 FAKE = 10          # (FAKE, bytes): reply made by the proxy, emitted when it reaches the head
-PARSE_NEW = 11     # (PARSE_NEW, name, skip): Parse of a statement new to this server
+PARSE_NEW = 11     # (PARSE_NEW, stmt, skip): Parse of a statement new to this server
 
 TERMINALS = frozenset(b"123CIsnT")
 ADMIN_DATABASES = ("tvproxy", "pgbouncer")
@@ -257,6 +257,8 @@ class ClientSession(asyncio.Protocol):
                     if mtype == 0x58:  # Terminate while idle
                         self._close_transport()
                         return
+                    if self.prepared_mapping and self._answer_unlinked(mtype, buf, start, end):
+                        continue
                     server = self._link()
                     if server is None or self.holding:
                         framer.unread(start)
@@ -270,7 +272,7 @@ class ClientSession(asyncio.Protocol):
                 elif mtype == 0x53:  # Sync
                     expect.append(EXP_SYNC)
                 elif mtype == 0x42:  # Bind
-                    if buf[start + 5] != 0 and self.prepared_mapping:
+                    if buf[buf.find(b"\x00", start + 5, end) + 1] != 0 and self.prepared_mapping:
                         run = self._flush_run(out, buf, run, start)
                         self._bind(out, bytes(buf[start + 5:end]))
                         run = -1
@@ -344,7 +346,7 @@ class ClientSession(asyncio.Protocol):
         self._evict(out, server)
         out.append(stmt.parse_msg)
         server.prepared[stmt.server_name] = None
-        self.expect.append((PARSE_NEW, stmt.server_name, True))
+        self.expect.append((PARSE_NEW, stmt, True))
         self.stats.server_parse_count += 1
 
     def _evict(self, out: list[bytes], server: ServerConnection) -> None:
@@ -375,7 +377,7 @@ class ClientSession(asyncio.Protocol):
         self._evict(out, server)
         out.append(stmt.parse_msg)
         server.prepared[stmt.server_name] = None
-        self.expect.append((PARSE_NEW, stmt.server_name, False))
+        self.expect.append((PARSE_NEW, stmt, False))
         self.stats.server_parse_count += 1
 
     def _bind(self, out: list[bytes], body: bytes) -> None:
@@ -406,6 +408,33 @@ class ClientSession(asyncio.Protocol):
         self.expect.append(EXP_EXT)
 
     # --- linking ---------------------------------------------------------------------------
+
+    def _answer_unlinked(self, mtype: int, buf: bytes | bytearray, start: int, end: int) -> bool:
+        """Answer Parse (of a statement already validated)/Close/Sync without a server.
+
+        Drivers that prepare synchronously (libpq's PQprepare in pgbench) would otherwise hold
+        a pool slot hostage while waiting for one: with more clients than servers that can
+        deadlock a whole client thread.  Nothing else is answered without a server.
+        """
+        if mtype == 0x50 and buf[start + 5] != 0:
+            body = bytes(buf[start + 5:end])
+            name, _sql, pos = D.parse_message(body)
+            if name in self.prepared:
+                return False
+            stmt = self.proxy.prepared.lookup(body[pos:])
+            if stmt is None or not stmt.validated:
+                return False
+            self.prepared[name] = self.proxy.prepared.acquire(body[pos:])
+            self.stats.client_parse_count += 1
+            self.write(B.PARSE_COMPLETE)
+            return True
+        if mtype == 0x43 and buf[start + 5] == 0x53:
+            self._describe_or_close([], mtype, bytes(buf[start + 5:end]))
+            return True
+        if mtype == 0x53:
+            self.write(B.ready_for_query(b"I"))
+            return True
+        return mtype == 0x48
 
     def _link(self) -> ServerConnection | None:
         pool = self.pool
@@ -482,7 +511,7 @@ class ClientSession(asyncio.Protocol):
                     status = buf[start + 5:start + 6]
                     server.status = status
                     self.copy_in = False
-                    while expect and type(expect[0]) is not int:
+                    while expect and type(expect[0]) is tuple and expect[0][0] == PARSE_NEW:
                         self._drop_head()
                     if expect:
                         head = expect.popleft()
@@ -496,8 +525,12 @@ class ClientSession(asyncio.Protocol):
                             resume = True
                         self._emit_fakes(out)
                         continue
-                    self._emit_fakes(out)
-                    if not expect and status == b"I" and self.pool.pool_mode != "session":
+                    if expect:
+                        if type(expect[0]) is tuple:  # replies made up by the proxy come next
+                            run = self._flush_run(out, buf, start if run < 0 else run, end)
+                            self._emit_fakes(out)
+                            continue
+                    elif status == b"I" and self.pool.pool_mode != "session":
                         release = True
                 elif head == EXP_PARAMS or head == EXP_SKIPQ:
                     run = self._flush_run(out, buf, run, start)
@@ -522,7 +555,13 @@ class ClientSession(asyncio.Protocol):
                         if mtype == 0x43:
                             self.copy_in = False
                             self._command_complete(server, buf, start, end)
-                        if head == EXP_SKIP1 or type(head) is tuple and head[0] == PARSE_NEW and head[2]:
+                        if type(head) is tuple and head[0] == PARSE_NEW:
+                            head[1].validated = True
+                            if head[2]:
+                                run = self._flush_run(out, buf, run, start)
+                                self._emit_fakes(out)
+                                continue
+                        elif head == EXP_SKIP1:
                             run = self._flush_run(out, buf, run, start)
                             self._emit_fakes(out)
                             continue
@@ -563,7 +602,7 @@ class ClientSession(asyncio.Protocol):
     def _drop_head(self, error: bool = False) -> None:
         head = self.expect.popleft()
         if type(head) is tuple and head[0] == PARSE_NEW and error and self.server is not None:
-            self.server.prepared.pop(head[1], None)
+            self.server.prepared.pop(head[1].server_name, None)
 
     def _emit_fakes(self, out: list[bytes]) -> None:
         expect = self.expect

@@ -11,13 +11,14 @@ from tvproxy.protocol import build as B
 
 
 class PreparedStatement:
-    __slots__ = ("server_name", "parse_msg", "refs", "key")
+    __slots__ = ("server_name", "parse_msg", "refs", "key", "validated")
 
     def __init__(self, key: bytes, server_name: bytes) -> None:
         self.key = key
         self.server_name = server_name
         self.parse_msg = B.parse_raw(server_name, key)
         self.refs = 0
+        self.validated = False  # a server accepted it once: safe to acknowledge without one
 
 
 class PreparedRegistry:
@@ -37,6 +38,9 @@ class PreparedRegistry:
             self._by_key[key] = stmt
         stmt.refs += 1
         return stmt
+
+    def lookup(self, key: bytes) -> PreparedStatement | None:
+        return self._by_key.get(key)
 
     def release(self, stmt: PreparedStatement) -> None:
         stmt.refs -= 1
