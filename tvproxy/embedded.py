@@ -332,6 +332,9 @@ class TempCluster:
                     env=self._env(),
                     cwd=str(self.base_dir or tempfile.gettempdir()),
                     timeout=timeout,
+                    # own session: a Ctrl-C at the terminal must not reach the postmaster;
+                    # stop() shuts it down in order.
+                    start_new_session=True,
                     **kwargs,
                 )
             finally:
