@@ -177,6 +177,9 @@ class ClientSession(asyncio.Protocol):
             self.fatal(exc.sqlstate, exc.message)
         except ConnectionError:
             self._disconnect()
+        except Exception as exc:  # noqa: BLE001 - never leave a client hanging on a bug
+            log.exception("client login failed", client=self.id)
+            self.fatal("XX000", f"internal error during login: {type(exc).__name__}")
 
     async def _handshake(self) -> None:
         while True:
