@@ -39,6 +39,7 @@ class ProxyServer:
         self.shutdown_mode: str | None = None
         self._janitor: asyncio.Task | None = None
         self._last_roll = time.monotonic()
+        self._param_sigs: dict[tuple, tuple] = {}
         self._idle_tx: dict[int, tuple[int, float]] = {}
 
     @staticmethod
@@ -129,6 +130,9 @@ class ProxyServer:
 
     def admit_client(self, client: ClientSession) -> bool:
         return len(self.clients) <= self.cfg.proxy.max_client_conn
+
+    def intern_params(self, sig: tuple) -> tuple:
+        return self._param_sigs.setdefault(sig, sig)
 
     def is_admin_user(self, user: str) -> bool:
         return user in self.cfg.admin.admin_users or user in self.cfg.admin.stats_users

@@ -43,7 +43,7 @@ class ServerConnection(asyncio.Protocol):
         self.params: dict[str, str] = {}
         self.login_params: dict[str, str] = {}
         self.params_set: set[str] = set()
-        self.param_owner: tuple[int, int] | None = None
+        self.param_sig: tuple | None = None
         self.pid = 0
         self.secret = 0
         self.connect_time = time.time()

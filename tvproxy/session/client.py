@@ -58,7 +58,7 @@ class ClientSession(asyncio.Protocol):
         self.user = ""
         self.database = ""
         self.params: dict[str, str] = {}
-        self.param_version = 0
+        self.param_sig: tuple = ()
         self.pool: Pool | None = None
         self.server: ServerConnection | None = None
         self.expect: deque = deque()
@@ -204,6 +204,7 @@ class ClientSession(asyncio.Protocol):
         self.database = startup.get("database") or self.user
         ignore = frozenset(self.proxy.cfg.proxy.ignore_startup_parameters)
         self.params = P.tracked_params(startup, ignore)
+        self._params_changed()
         if not self.proxy.admit_client(self):
             raise ServerLoginError("no more connections allowed (max_client_conn)", "53300")
         is_admin = self.database in ADMIN_DATABASES
@@ -271,7 +272,6 @@ class ClientSession(asyncio.Protocol):
                     buf = framer.buffer
                 if mtype == 0x51:  # Query
                     expect.append(EXP_QUERY)
-                    self.request_time = time.time()
                 elif mtype == 0x53:  # Sync
                     expect.append(EXP_SYNC)
                 elif mtype == 0x42:  # Bind
@@ -464,7 +464,8 @@ class ClientSession(asyncio.Protocol):
         now = time.monotonic()
         server.link_time = now
         self.stats.server_assignment_count += 1
-        if server.param_owner != (self.id, self.param_version):
+        self.request_time = time.time()
+        if server.param_sig is not self.param_sig:
             sql = P.apply_sql(self.params, server.params, server.login_params, server.params_set)
             if sql:
                 self.holding = True
@@ -481,7 +482,11 @@ class ClientSession(asyncio.Protocol):
                         server.params_set.discard(key)
                     else:
                         server.params[key] = default
-            server.param_owner = (self.id, self.param_version)
+            server.param_sig = self.param_sig
+
+    def _params_changed(self) -> None:
+        # servers remember the settings they carry by this interned signature (identity check)
+        self.param_sig = self.proxy.intern_params(tuple(sorted(self.params.items())))
 
     def _release_server(self) -> None:
         server = self.server
@@ -619,7 +624,7 @@ class ClientSession(asyncio.Protocol):
             # settings went back to the server's defaults; forget what the proxy had set
             for key in server.params_set - server.login_params.keys():
                 server.params.pop(key, None)
-            server.param_owner = None
+            server.param_sig = None
         if tag.startswith((b"DISCARD ALL", b"DEALLOCATE ALL")):
             server.prepared.clear()
             for stmt in self.prepared.values():
@@ -632,8 +637,8 @@ class ClientSession(asyncio.Protocol):
         if key in self.params or key in P.REPORTED_TRACKED:
             if self.params.get(key) != value:
                 self.params[key] = value
-                self.param_version += 1
-            server.param_owner = (self.id, self.param_version)
+                self._params_changed()
+            server.param_sig = self.param_sig
 
     # --- endings ---------------------------------------------------------------------------
 
