@@ -24,6 +24,7 @@ from tvproxy.protocol import build as B
 from tvproxy.protocol import decode as D
 from tvproxy.session import params as P
 from tvproxy.session.auth import authenticate
+from tvproxy.session.hooks import TransactionHooks
 from tvproxy.session.prepared import PreparedStatement
 
 if TYPE_CHECKING:
@@ -78,7 +79,7 @@ class ClientSession(asyncio.Protocol):
         self.local_addr = ("", 0)
         self.admin = None
         self.stats = None
-        self.tview = None  # seam for the TVIEW engine (statement seen / before commit / tx end)
+        self.tview: TransactionHooks | None = None  # the TVIEW engine's seam (session/hooks.py)
         self._startup = bytearray()
         self._waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Task | None = None
@@ -271,6 +272,8 @@ class ClientSession(asyncio.Protocol):
                         break
                     buf = framer.buffer
                 if mtype == 0x51:  # Query
+                    if self.tview is not None:
+                        run = self._hook_statement(out, buf, run, start, D.query_text(buf[start + 5:end]))
                     expect.append(EXP_QUERY)
                 elif mtype == 0x53:  # Sync
                     expect.append(EXP_SYNC)
@@ -281,9 +284,17 @@ class ClientSession(asyncio.Protocol):
                         run = -1
                         continue
                     expect.append(EXP_EXT)
-                elif mtype == 0x45 or mtype == 0x50 and buf[start + 5] == 0:  # Execute / unnamed Parse
+                elif mtype == 0x45:  # Execute
+                    expect.append(EXP_EXT)
+                elif mtype == 0x50 and buf[start + 5] == 0:  # unnamed Parse
+                    if self.tview is not None:
+                        name, sql, _ = D.parse_message(bytes(buf[start + 5:end]))
+                        run = self._hook_statement(out, buf, run, start, sql)
                     expect.append(EXP_EXT)
                 elif mtype == 0x50:  # named Parse
+                    if self.tview is not None:
+                        name, sql, _ = D.parse_message(bytes(buf[start + 5:end]))
+                        run = self._hook_statement(out, buf, run, start, sql)
                     if self.prepared_mapping:
                         run = self._flush_run(out, buf, run, start)
                         self._parse(out, bytes(buf[start + 5:end]))
@@ -321,6 +332,17 @@ class ClientSession(asyncio.Protocol):
             out.append(buf[run:pos] if type(buf) is bytes else bytes(buf[run:pos]))
         if out and server is not None:
             server.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def _hook_statement(self, out: list[bytes], buf: bytes | bytearray, run: int, start: int,
+                        text: bytes) -> int:
+        """Let the TVIEW engine see a statement; run what it asks for first (replies swallowed)."""
+        pre = self.tview.statement(self, text)  # type: ignore[union-attr]
+        if not pre:
+            return run
+        run = self._flush_run(out, buf, run, start)
+        out.append(B.query(pre))
+        self.expect.append(EXP_SKIPQ)
+        return run
 
     @staticmethod
     def _flush_run(out: list[bytes], buf: bytes | bytearray, run: int, start: int) -> int:
@@ -533,6 +555,8 @@ class ClientSession(asyncio.Protocol):
                             resume = True
                         self._emit_fakes(out)
                         continue
+                    if self.tview is not None:
+                        self.tview.transaction_ended(self, status)
                     if expect:
                         if type(expect[0]) is tuple:  # replies made up by the proxy come next
                             run = self._flush_run(out, buf, start if run < 0 else run, end)
