@@ -88,6 +88,9 @@ class Pool:
                 server = idle.pop()
                 if server.closed:
                     continue
+                if server.needs_check:  # idle for server_check_delay: test it before use
+                    self.cleanup(server, self.proxy.cfg.proxy.server_check_query or ";")
+                    continue
                 self.active.add(server)
                 return server
         client.wait_started = time.monotonic()
@@ -146,7 +149,7 @@ class Pool:
         if not self.waiters or self.paused:
             return
         now = time.monotonic()
-        pending = len(self.waiters) - self.connecting
+        pending = len(self.waiters) - self.connecting - len(self.cleaning)
         reserve_after = self.proxy.cfg.proxy.reserve_pool_timeout
         while pending > 0:
             oldest_wait = now - self.waiters[0].wait_started
@@ -255,6 +258,8 @@ class Pool:
                 if too_old or too_idle or server.close_needed:
                     server.close()
                 else:
+                    if cfg.server_check_delay and now - server.last_used > cfg.server_check_delay:
+                        server.needs_check = True
                     keep.append(server)
             self.idle = keep
         # clients waiting too long

@@ -53,6 +53,7 @@ class ServerConnection(asyncio.Protocol):
         self.closed = False
         self.logged_in = False
         self.close_needed = False
+        self.needs_check = False
         self.status = b"I"
         # client-independent server-side prepared statements: server name -> None (LRU order)
         self.prepared: OrderedDict[bytes, None] = OrderedDict()
@@ -99,6 +100,17 @@ class ServerConnection(asyncio.Protocol):
         if client is not None:
             self.client = None
             client.server_lost(self)
+
+    def pause_writing(self) -> None:
+        # the server is not keeping up (e.g. a big COPY FROM): stop reading from its client
+        client = self.client
+        if client is not None and client.transport is not None:
+            client.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        client = self.client
+        if client is not None and client.transport is not None and not client.waiting:
+            client.transport.resume_reading()
 
     # --- login -----------------------------------------------------------------------------
 
@@ -188,6 +200,7 @@ class ServerConnection(asyncio.Protocol):
     def cleanup_and_release(self, sql: str) -> None:
         """Run ``sql`` owned by no client (ROLLBACK, reset query), then return to the pool."""
         self.client = None
+        self.needs_check = False
         self._cleanup = True
         self.prepared_invalidate_if(sql)
         self.write(B.query(sql))
