@@ -318,7 +318,7 @@ def parse_statement(text: str, tokens: list[Token]) -> Command:
     words = [t[1] for t in rest]
     if verb in ("show", "select"):  # PgBouncer routes SELECT x to SHOW x
         subject = " ".join(w.lower() for w in words)
-        if subject in SHOW_SUBJECTS or (len(words) == 1 and subject in FAKE_PARAMS):
+        if subject in SHOW_SUBJECTS or len(words) == 1 and (subject == "help" or subject in FAKE_PARAMS):
             return Command(text, "show", subject)
         raise _syntax_error(text)
     if verb in NO_ARG and not words:
@@ -394,10 +394,11 @@ def show_pools(proxy: ProxyServer) -> list[tuple]:
     for (dbname, user), pool in sorted(proxy.pools.items()):
         waiters = [c for c in pool.waiters if not c.closed]
         maxwait, maxwait_us = _split_us(now - waiters[0].wait_started) if waiters else (0, 0)
+        used = sum(1 for s in pool.idle if s.needs_check)  # idle past server_check_delay
         rows.append((
             dbname, user, active.get(id(pool), 0), len(waiters), 0, 0,
-            len(pool.active), 0, 0, len(pool.idle), 0, len(pool.cleaning), pool.connecting,
-            maxwait, maxwait_us, pool.pool_mode, None,
+            len(pool.active), 0, 0, len(pool.idle) - used, used, len(pool.cleaning),
+            pool.connecting, maxwait, maxwait_us, pool.pool_mode, None,
         ))
     admins: dict[tuple[str, str], int] = {}
     for client in proxy.clients:
@@ -478,7 +479,8 @@ def _server_rows(proxy: ProxyServer, debug: bool = False) -> list[tuple[str, tup
     for (dbname, _user), pool in sorted(proxy.pools.items()):
         groups = (
             ("active", sorted(pool.active, key=lambda s: s.id)),
-            ("idle", list(pool.idle)),
+            ("idle", [s for s in pool.idle if not s.needs_check]),
+            ("used", [s for s in pool.idle if s.needs_check]),
             ("tested", sorted(pool.cleaning, key=lambda s: s.id)),
         )
         for state, servers in groups:
@@ -495,7 +497,7 @@ def _server_rows(proxy: ProxyServer, debug: bool = False) -> list[tuple[str, tup
                 )
                 if debug:
                     row += (0, 0, 0, 0, 0, server.framer.pending(), 0)
-                out.append(("sv_" + state if state != "tested" else "sv_tested", row))
+                out.append(("sv_" + state, row))
     return out
 
 
