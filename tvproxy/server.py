@@ -31,6 +31,7 @@ class ProxyServer:
         self.prepared = PreparedRegistry()
         self.userlist: dict[str, str] = self._load_userlist(cfg)
         self.paused_dbs: set[str] = set()
+        self.disabled_dbs: set[str] = set()
         self.paused_all = False
         self.suspended = False
         self.started = time.time()
@@ -41,6 +42,10 @@ class ProxyServer:
         self._last_roll = time.monotonic()
         self._param_sigs: dict[tuple, tuple] = {}
         self._idle_tx: dict[int, tuple[int, float]] = {}
+
+    def reload_userlist(self) -> None:
+        """Re-read ``auth_file`` (raises ConfigError and keeps the old list on failure)."""
+        self.userlist = self._load_userlist(self.cfg)
 
     @staticmethod
     def _load_userlist(cfg: Config) -> dict[str, str]:

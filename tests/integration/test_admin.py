@@ -380,10 +380,7 @@ def test_extended_protocol_exact_replies(proxy: Any) -> None:
 
 def test_disable_enable(proxy: Any) -> None:
     with admin(proxy) as conn:
-        try:
-            conn.execute("DISABLE app")
-        except errors.FeatureNotSupported:
-            pytest.skip("the proxy core has no disabled_dbs yet")
+        conn.execute("DISABLE app")
         assert {r["name"]: r for r in show(conn, "DATABASES")}["app"]["disabled"] == 1
         with pytest.raises(psycopg.OperationalError):
             app(proxy)

@@ -519,7 +519,7 @@ def show_sockets(proxy: ProxyServer, only_active: bool = False) -> list[tuple]:
 
 
 def _disabled(proxy: ProxyServer) -> set[str]:
-    return getattr(proxy, "disabled_dbs", None) or set()
+    return proxy.disabled_dbs
 
 
 def show_databases(proxy: ProxyServer) -> list[tuple]:
@@ -759,9 +759,7 @@ def _toggle(session: AdminSession, cmd: Command, disable: bool) -> Result:
     if not cmd.arg:
         raise AdminError("42601", "a database is required")
     db = _database(proxy, cmd.arg, word)
-    disabled = getattr(proxy, "disabled_dbs", None)
-    if disabled is None:
-        raise AdminError("0A000", f"{word.upper()} is not supported by this proxy")
+    disabled = proxy.disabled_dbs
     if disable:
         disabled.add(db)
     else:
@@ -807,7 +805,7 @@ def cmd_set(session: AdminSession, cmd: Command) -> Result:
     try:
         set_runtime_value(proxy.cfg, key, cmd.value)
         if key == "auth_file":
-            proxy.userlist = proxy._load_userlist(proxy.cfg)
+            proxy.reload_userlist()
     except ConfigError as exc:
         setattr(section, key, old)
         raise AdminError("22023", str(exc)) from None

@@ -215,6 +215,8 @@ class ClientSession(asyncio.Protocol):
                 raise ServerLoginError(f'not allowed to connect to admin console as "{self.user}"', "28000")
         elif self.database not in self.proxy.cfg.databases:
             raise ServerLoginError(f'no such database: {self.database}', "3D000")
+        elif self.database in self.proxy.disabled_dbs:
+            raise ServerLoginError(f'database "{self.database}" is disabled', "57P03")
         await authenticate(self, self.proxy)
         if is_admin:
             from tvproxy.admin.console import AdminSession
