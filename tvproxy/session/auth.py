@@ -41,7 +41,7 @@ async def authenticate(client: ClientSession, proxy: ProxyServer) -> None:
     if method == "trust":
         return
     user = client.user
-    secret = proxy.user_secret(user)
+    secret = proxy.user_secret(user) or None  # as PostgreSQL: an empty password never matches
     if method == "md5" and secret is not None and secret_kind(secret) == "scram":
         method = "scram-sha-256"  # as PgBouncer and PostgreSQL: a SCRAM secret can't do md5
     if method == "plain" or method == "password":
