@@ -102,9 +102,9 @@ class ProxyServer:
         self.shutdown_mode = mode
         self.close_listeners()
         log.info("shutting down", mode=mode)
-        self._check_shutdown()
+        self.check_shutdown()
 
-    def _check_shutdown(self) -> None:
+    def check_shutdown(self) -> None:
         mode = self.shutdown_mode
         if mode is None:
             return
@@ -131,7 +131,7 @@ class ProxyServer:
         if self.cancel_keys.get(key) is client:
             del self.cancel_keys[key]
         if self.shutdown_mode is not None:
-            self._check_shutdown()
+            self.check_shutdown()
 
     def admit_client(self, client: ClientSession) -> bool:
         return len(self.clients) <= self.cfg.proxy.max_client_conn
@@ -271,6 +271,12 @@ class ProxyServer:
                 log.exception("janitor failed")
 
     def maintain(self, now: float) -> None:
+        # as PgBouncer: a database with a forced user keeps min_pool_size from the start
+        for name, db in self.cfg.databases.items():
+            if db.user and (db.min_pool_size or self.cfg.proxy.min_pool_size) and (
+                (name, db.user) not in self.pools
+            ):
+                self.get_pool(name, db.user)
         for pool in list(self.pools.values()):
             pool.maintain(now)
         p = self.cfg.proxy

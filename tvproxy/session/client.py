@@ -521,6 +521,8 @@ class ClientSession(asyncio.Protocol):
         self.idle_since = time.monotonic()
         assert self.pool is not None
         self.pool.release(server)
+        if self.proxy.shutdown_mode is not None:
+            self.proxy.check_shutdown()
 
     # --- server -> client ------------------------------------------------------------------
 
@@ -661,6 +663,7 @@ class ClientSession(asyncio.Protocol):
         key, value = D.parameter_status(body)
         server.params[key] = value
         if key in self.params or key in P.REPORTED_TRACKED:
+            server.params_set.add(key)  # the client changed it: put it back for the next one
             if self.params.get(key) != value:
                 self.params[key] = value
                 self._params_changed()

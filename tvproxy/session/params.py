@@ -81,18 +81,24 @@ def apply_sql(
     """SQL making a server's settings match ``wanted`` ('' when they already do).
 
     Keys the server had set for an earlier client but this client does not care about go back
-    to the server's login value (or RESET), so nothing leaks between clients.
+    to the server's login value (or RESET), so nothing leaks between clients.  Values go
+    through ``set_config`` so they are read as in a startup packet or postgresql.conf (a
+    ``search_path`` of ``a,b`` is two schemas, not one named "a,b").
     """
-    stmts = []
+    sets: list[str] = []
+    resets: list[str] = []
     for key, value in wanted.items():
         if server_params.get(key) != value:
-            stmts.append(f'SET "{key}" = {quote_literal(value)}')
+            sets.append(f"pg_catalog.set_config({quote_literal(key)}, {quote_literal(value)}, false)")
     for key in server_set:
         if key in wanted:
             continue
         default = server_defaults.get(key)
         if default is None:
-            stmts.append(f'RESET "{key}"')
+            resets.append(f'RESET "{key}"')
         elif server_params.get(key) != default:
-            stmts.append(f'SET "{key}" = {quote_literal(default)}')
+            sets.append(f"pg_catalog.set_config({quote_literal(key)}, {quote_literal(default)}, false)")
+    stmts = resets
+    if sets:
+        stmts.append("SELECT " + ", ".join(sets))
     return ";".join(stmts)
