@@ -42,7 +42,7 @@ EXP_SYNC = 3       # Sync: forward ReadyForQuery
 EXP_SKIP1 = 4      # proxy's own Close: swallow its terminal reply
 EXP_PARAMS = 5     # proxy's SET re-applying client settings: swallow, hold the client meanwhile
 FAKE = 10          # (FAKE, bytes): reply made by the proxy, emitted when it reaches the head
-PARSE_NEW = 11     # (PARSE_NEW, stmt, skip): Parse of a statement new to this server
+PARSE_NEW = 11     # (PARSE_NEW, stmt, skip, client name): Parse new to this server
 
 TERMINALS = frozenset(b"123CIsnT")
 ADMIN_DATABASES = ("tvproxy", "pgbouncer")
@@ -373,7 +373,7 @@ class ClientSession(asyncio.Protocol):
         self._evict(out, server)
         out.append(stmt.parse_msg)
         server.prepared[stmt.server_name] = None
-        self.expect.append((PARSE_NEW, stmt, True))
+        self.expect.append((PARSE_NEW, stmt, True, None))
         self.stats.server_parse_count += 1
 
     def _evict(self, out: list[bytes], server: ServerConnection) -> None:
@@ -404,7 +404,7 @@ class ClientSession(asyncio.Protocol):
         self._evict(out, server)
         out.append(stmt.parse_msg)
         server.prepared[stmt.server_name] = None
-        self.expect.append((PARSE_NEW, stmt, False))
+        self.expect.append((PARSE_NEW, stmt, False, name))
         self.stats.server_parse_count += 1
 
     def _bind(self, out: list[bytes], body: bytes) -> None:
@@ -637,8 +637,15 @@ class ClientSession(asyncio.Protocol):
 
     def _drop_head(self, error: bool = False) -> None:
         head = self.expect.popleft()
-        if type(head) is tuple and head[0] == PARSE_NEW and error and self.server is not None:
-            self.server.prepared.pop(head[1].server_name, None)
+        if type(head) is tuple and head[0] == PARSE_NEW and error:
+            stmt = head[1]
+            if self.server is not None:
+                self.server.prepared.pop(stmt.server_name, None)
+            name = head[3]
+            if name is not None and self.prepared.get(name) is stmt:
+                # as in PostgreSQL, a Parse that failed leaves no statement behind
+                del self.prepared[name]
+                self.proxy.prepared.release(stmt)
 
     def _emit_fakes(self, out: list[bytes]) -> None:
         expect = self.expect
