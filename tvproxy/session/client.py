@@ -66,6 +66,8 @@ class ClientSession(asyncio.Protocol):
         self.copy_in = False
         self.waiting = False
         self.holding = False
+        self.batch = 0  # since the last Sync: 1 = only named-statement Parse/Describe/Close
+        self.flush_release = False
         self.param_error: dict[str, str] | None = None
         self.wait_started = 0.0
         self.connect_time = time.time()
@@ -279,7 +281,10 @@ class ClientSession(asyncio.Protocol):
                     expect.append(EXP_QUERY)
                 elif mtype == 0x53:  # Sync
                     expect.append(EXP_SYNC)
+                    self.batch = 0
                 elif mtype == 0x42:  # Bind
+                    self.batch = 2
+                    self.flush_release = False
                     if buf[buf.find(b"\x00", start + 5, end) + 1] != 0 and self.prepared_mapping:
                         run = self._flush_run(out, buf, run, start)
                         self._bind(out, bytes(buf[start + 5:end]))
@@ -288,7 +293,11 @@ class ClientSession(asyncio.Protocol):
                     expect.append(EXP_EXT)
                 elif mtype == 0x45:  # Execute
                     expect.append(EXP_EXT)
+                    self.batch = 2
+                    self.flush_release = False
                 elif mtype == 0x50 and buf[start + 5] == 0:  # unnamed Parse
+                    self.batch = 2
+                    self.flush_release = False
                     if self.tview is not None:
                         name, sql, _ = D.parse_message(bytes(buf[start + 5:end]))
                         run = self._hook_statement(out, buf, run, start, sql)
@@ -297,19 +306,30 @@ class ClientSession(asyncio.Protocol):
                     if self.tview is not None:
                         name, sql, _ = D.parse_message(bytes(buf[start + 5:end]))
                         run = self._hook_statement(out, buf, run, start, sql)
+                    self.flush_release = False
                     if self.prepared_mapping:
+                        self.batch |= 1
                         run = self._flush_run(out, buf, run, start)
                         self._parse(out, bytes(buf[start + 5:end]))
                         run = -1
                         continue
+                    self.batch = 2
                     expect.append(EXP_EXT)
                 elif mtype == 0x44 or mtype == 0x43:  # Describe / Close
+                    self.flush_release = False
                     if buf[start + 5] == 0x53 and buf[start + 6] != 0 and self.prepared_mapping:
+                        self.batch |= 1
                         run = self._flush_run(out, buf, run, start)
                         self._describe_or_close(out, mtype, bytes(buf[start + 5:end]))
                         run = -1
                         continue
+                    self.batch = 2
                     expect.append(EXP_EXT)
+                elif mtype == 0x48:  # Flush
+                    # only named statements prepared/described since the last Sync (asyncpg's
+                    # prepare): once answered, end the implicit transaction and free the server
+                    if self.batch == 1:
+                        self.flush_release = True
                 elif mtype == 0x46:  # FunctionCall
                     expect.append(EXP_QUERY)
                 elif mtype in (0x64, 0x63, 0x66, 0x48, CONTINUATION):  # copy data/done/fail, Flush
@@ -557,6 +577,8 @@ class ClientSession(asyncio.Protocol):
                         if head == EXP_PARAMS:
                             self.holding = False
                             resume = True
+                        elif not expect and status == b"I" and self.pool.pool_mode != "session":
+                            release = True
                         self._emit_fakes(out)
                         continue
                     if self.tview is not None:
@@ -620,6 +642,11 @@ class ClientSession(asyncio.Protocol):
             log.warning("server protocol error", server=server.id, error=exc.message)
             server.close()
             return
+        if self.flush_release and not expect and not release:
+            self.flush_release = False
+            self.batch = 0
+            server.write(B.SYNC)
+            expect.append(EXP_SKIPQ)
         if out:
             self.write(out[0] if len(out) == 1 else b"".join(out))
         if release:
