@@ -287,8 +287,8 @@ def test_cancel_race_never_hits_the_next_client(pg: Any, proxy_factory: Any) -> 
                     s.sendall(struct.pack("!IIiI", 16, 80877102, pid, secret))
                     s.recv(1)
 
-            with concurrent.futures.ThreadPoolExecutor(20) as cancels:
-                list(cancels.map(lambda _: cancel(), range(60)))
+            with concurrent.futures.ThreadPoolExecutor(50) as cancels:
+                list(cancels.map(lambda _: cancel(), range(200)))
             out = first.read_until(b"Z")
             errs = [error_fields(b) for t, b in out if t == b"E"]
             assert errs and errs[0].get("C") == "57014", out
