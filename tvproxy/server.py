@@ -164,7 +164,7 @@ class ProxyServer:
         client = self.cancel_keys.get((pid, secret))
         if client is None or client.server is None:
             return  # unknown key, or the client is not running anything: nothing to cancel
-        asyncio.get_running_loop().create_task(client.server.cancel_query())
+        asyncio.get_running_loop().create_task(client.server.cancel_query(client))
 
     # --- pools -----------------------------------------------------------------------------
 

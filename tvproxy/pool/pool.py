@@ -34,6 +34,7 @@ class Pool:
         self.idle: deque[ServerConnection] = deque()
         self.active: set[ServerConnection] = set()
         self.cleaning: set[ServerConnection] = set()
+        self.canceling: set[ServerConnection] = set()
         self.connecting = 0
         self.waiters: deque[ClientSession] = deque()
         self.welcome: dict[str, str] | None = None
@@ -65,7 +66,8 @@ class Pool:
         return self.proxy.cfg.proxy.reserve_pool_size if size is None else size
 
     def total(self) -> int:
-        return len(self.idle) + len(self.active) + len(self.cleaning) + self.connecting
+        return (len(self.idle) + len(self.active) + len(self.cleaning) + len(self.canceling)
+                + self.connecting)
 
     def _may_open(self, reserve: bool = False) -> bool:
         limit = self.pool_size + (self.reserve_pool_size if reserve else 0)
@@ -110,6 +112,11 @@ class Pool:
         self.active.discard(server)
         self.cleaning.discard(server)
         server.client = None
+        if server.cancels and not server.closed:
+            server.parked = True  # being canceled: comes back when the cancel is done
+            self.canceling.add(server)
+            return
+        self.canceling.discard(server)
         if server.closed:
             self._maybe_open_for_waiters()
             return
@@ -137,6 +144,7 @@ class Pool:
     def server_lost(self, server: ServerConnection) -> None:
         self.active.discard(server)
         self.cleaning.discard(server)
+        self.canceling.discard(server)
         try:
             self.idle.remove(server)
         except ValueError:
@@ -149,7 +157,8 @@ class Pool:
         if not self.waiters or self.paused:
             return
         now = time.monotonic()
-        pending = len(self.waiters) - self.connecting - len(self.cleaning)
+        pending = (len(self.waiters) - self.connecting - len(self.cleaning)
+                   - len(self.canceling))
         reserve_after = self.proxy.cfg.proxy.reserve_pool_timeout
         while pending > 0:
             oldest_wait = now - self.waiters[0].wait_started
@@ -283,5 +292,5 @@ class Pool:
             for server in self.active:
                 server.close_needed = True
             return
-        for server in list(self.active) + list(self.cleaning):
+        for server in [*self.active, *self.cleaning, *self.canceling]:
             server.close()

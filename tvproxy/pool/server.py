@@ -54,6 +54,8 @@ class ServerConnection(asyncio.Protocol):
         self.logged_in = False
         self.close_needed = False
         self.needs_check = False
+        self.cancels = 0  # CancelRequests in flight for this server
+        self.parked = False  # released while a cancel was in flight: waits for it
         self.status = b"I"
         # client-independent server-side prepared statements: server name -> None (LRU order)
         self.prepared: OrderedDict[bytes, None] = OrderedDict()
@@ -223,15 +225,31 @@ class ServerConnection(asyncio.Protocol):
             self.transport.close()
         self.closed = True
 
-    async def cancel_query(self) -> None:
-        """Send a CancelRequest with this server's real key over a new connection."""
-        if self.pid <= 0:
+    async def cancel_query(self, for_client: ClientSession) -> None:
+        """Send a CancelRequest with this server's real key over a new connection.
+
+        While a cancel is in flight the server is not handed to anyone else (see
+        ``Pool.release``), and it is sent only if the server still runs ``for_client``'s work,
+        so a late cancel can never hit the next client's query.
+        """
+        if self.pid <= 0 or self.client is not for_client:
             return
+        self.cancels += 1
+        writer = None
         try:
-            _, writer = await asyncio.wait_for(
+            reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(self.pool.db.host, self.pool.db.port), 5)
-            writer.write(B.cancel_request(self.pid, self.secret))
-            await writer.drain()
-            writer.close()
+            if self.client is for_client and not self.closed:
+                writer.write(B.cancel_request(self.pid, self.secret))
+                await writer.drain()
+                # PostgreSQL closes the connection once it has signalled the backend
+                await asyncio.wait_for(reader.read(), 5)
         except (TimeoutError, OSError):
             pass
+        finally:
+            if writer is not None:
+                writer.close()
+            self.cancels -= 1
+            if self.cancels == 0 and self.parked:
+                self.parked = False
+                self.pool.release(self)

@@ -46,6 +46,7 @@ PARSE_NEW = 11     # (PARSE_NEW, stmt, skip, client name): Parse new to this ser
 
 TERMINALS = frozenset(b"123CIsnT")
 ADMIN_DATABASES = ("tvproxy", "pgbouncer")
+WAITING_READ_LIMIT = 1 << 20
 
 
 class ClientSession(asyncio.Protocol):
@@ -105,6 +106,10 @@ class ClientSession(asyncio.Protocol):
             if stats is not None:
                 stats.bytes_received += len(data)
             self.framer.feed(data)
+            if self.waiting or self.holding:
+                if self.framer.pending() > WAITING_READ_LIMIT and self.transport is not None:
+                    self.transport.pause_reading()
+                return
             if self.admin is not None:
                 self.admin.process()
             else:
@@ -270,8 +275,10 @@ class ClientSession(asyncio.Protocol):
                         continue
                     server = self._link()
                     if server is None or self.holding:
+                        # keep reading while queued (to notice a client that leaves) unless
+                        # it piles up data
                         framer.unread(start)
-                        if server is None and self.transport is not None:
+                        if framer.pending() > WAITING_READ_LIMIT and self.transport is not None:
                             self.transport.pause_reading()
                         break
                     buf = framer.buffer
