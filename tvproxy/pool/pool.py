@@ -142,6 +142,8 @@ class Pool:
         server.cleanup_and_release(sql)
 
     def server_lost(self, server: ServerConnection) -> None:
+        log.info("server closed", database=self.db.name, user=self.user, server=server.id,
+                 backend_pid=server.pid, linked=server.client is not None)
         self.active.discard(server)
         self.cleaning.discard(server)
         self.canceling.discard(server)
@@ -215,6 +217,8 @@ class Pool:
         self.connecting -= 1
         self.login_error = None
         self.proxy.stats.servers_opened += 1
+        log.info("server connected", database=self.db.name, user=self.user, server=server.id,
+                 backend_pid=server.pid)
         if self.welcome is None:
             self.welcome = {k: v for k, v in server.params.items() if k in WELCOME_KEYS}
         self._wake_welcome()

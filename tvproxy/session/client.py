@@ -753,6 +753,8 @@ class ClientSession(asyncio.Protocol):
             self.proxy.prepared.release(stmt)
         self.prepared.clear()
         self.proxy.client_gone(self)
+        if self.user:
+            log.info("client closed", client=self.id, user=self.user, database=self.database)
 
     # --- introspection for the admin console -----------------------------------------------
 
