@@ -572,8 +572,10 @@ class ClientSession(asyncio.Protocol):
                     status = buf[start + 5:start + 6]
                     server.status = status
                     self.copy_in = False
-                    while expect and type(expect[0]) is tuple and expect[0][0] == PARSE_NEW:
-                        self._drop_head()
+                    # requests still waiting for a reply were skipped after an error: drop them
+                    while expect and (type(expect[0]) is tuple or expect[0] == EXP_EXT
+                                      or expect[0] == EXP_SKIP1):
+                        self._drop_head(error=True)
                     if expect:
                         head = expect.popleft()
                     stats.query_count += 1
