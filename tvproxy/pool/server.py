@@ -66,6 +66,7 @@ class ServerConnection(asyncio.Protocol):
         self._login_queue: list[tuple[int, bytes]] = []
         # cleanup phase (ROLLBACK / reset query owned by no client): swallow until ReadyForQuery
         self._cleanup = False
+        self._paused_client: ClientSession | None = None
 
     # --- asyncio.Protocol ------------------------------------------------------------------
 
@@ -96,6 +97,7 @@ class ServerConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.resume_writing()
         self._wake()
         self.pool.server_lost(self)
         client = self.client
@@ -108,10 +110,13 @@ class ServerConnection(asyncio.Protocol):
         client = self.client
         if client is not None and client.transport is not None:
             client.transport.pause_reading()
+            self._paused_client = client
 
     def resume_writing(self) -> None:
-        client = self.client
-        if client is not None and client.transport is not None and not client.waiting:
+        # the client that was paused is resumed even if it has been unlinked meanwhile
+        client = self._paused_client
+        self._paused_client = None
+        if client is not None and client.transport is not None and not client.closed:
             client.transport.resume_reading()
 
     # --- login -----------------------------------------------------------------------------

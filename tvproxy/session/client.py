@@ -84,6 +84,7 @@ class ClientSession(asyncio.Protocol):
         self.stats = None
         self.tview: TransactionHooks | None = None  # the TVIEW engine's seam (session/hooks.py)
         self._startup = bytearray()
+        self._paused_server: ServerConnection | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Task | None = None
 
@@ -125,12 +126,19 @@ class ClientSession(asyncio.Protocol):
         self._disconnect()
 
     def pause_writing(self) -> None:
-        if self.server is not None and self.server.transport is not None:
-            self.server.transport.pause_reading()
+        # this client reads slower than its server answers: stop reading from the server
+        server = self.server
+        if server is not None and server.transport is not None:
+            server.transport.pause_reading()
+            self._paused_server = server
 
     def resume_writing(self) -> None:
-        if self.server is not None and self.server.transport is not None:
-            self.server.transport.resume_reading()
+        # the paused server is resumed even if it was released meanwhile (it must not stay
+        # deaf for its next client)
+        server = self._paused_server
+        self._paused_server = None
+        if server is not None and server.transport is not None and not server.closed:
+            server.transport.resume_reading()
 
     # --- writing and failing ---------------------------------------------------------------
 
@@ -546,6 +554,8 @@ class ClientSession(asyncio.Protocol):
         self.server = None
         self.stats.xact_time += int((time.monotonic() - server.link_time) * 1e6)
         self.idle_since = time.monotonic()
+        if self._paused_server is server:
+            self.resume_writing()  # nothing more comes from it for us; its next client needs it
         assert self.pool is not None
         self.pool.release(server)
         if self.proxy.shutdown_mode is not None:
@@ -738,6 +748,8 @@ class ClientSession(asyncio.Protocol):
         if self.waiting and self.pool is not None:
             self.pool.forget_waiter(self)
         self.waiting = False
+        if self._paused_server is not None:
+            self.resume_writing()
         server = self.server
         if server is not None and self.pool is not None:
             self.server = None
