@@ -85,6 +85,7 @@ class ClientSession(asyncio.Protocol):
         self.tview: TransactionHooks | None = None  # the TVIEW engine's seam (session/hooks.py)
         self._startup = bytearray()
         self._paused_server: ServerConnection | None = None
+        self._input_paused = False
         self._waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Task | None = None
 
@@ -108,8 +109,7 @@ class ClientSession(asyncio.Protocol):
                 stats.bytes_received += len(data)
             self.framer.feed(data)
             if self.waiting or self.holding:
-                if self.framer.pending() > WAITING_READ_LIMIT and self.transport is not None:
-                    self.transport.pause_reading()
+                self._limit_queued_input()
                 return
             if self.admin is not None:
                 self.admin.process()
@@ -263,9 +263,19 @@ class ClientSession(asyncio.Protocol):
 
     # --- client -> server ------------------------------------------------------------------
 
+    def _limit_queued_input(self) -> None:
+        """While queued for a server, stop reading a client that piles up input."""
+        if self.framer.pending() > WAITING_READ_LIMIT and self.transport is not None:
+            self.transport.pause_reading()
+            self._input_paused = True
+
     def _process_client(self) -> None:
         if self.waiting or self.holding or self.closed:
             return
+        if self._input_paused:
+            self._input_paused = False
+            if self.transport is not None:
+                self.transport.resume_reading()
         framer = self.framer
         server = self.server
         out: list[bytes] = []
@@ -286,8 +296,7 @@ class ClientSession(asyncio.Protocol):
                         # keep reading while queued (to notice a client that leaves) unless
                         # it piles up data
                         framer.unread(start)
-                        if framer.pending() > WAITING_READ_LIMIT and self.transport is not None:
-                            self.transport.pause_reading()
+                        self._limit_queued_input()
                         break
                     buf = framer.buffer
                 if mtype == 0x51:  # Query
@@ -513,8 +522,6 @@ class ClientSession(asyncio.Protocol):
         self.waiting = False
         self.stats.wait_time += int((time.monotonic() - self.wait_started) * 1e6)
         self._attach(server)
-        if self.transport is not None:
-            self.transport.resume_reading()
         self._process_client()
 
     def _attach(self, server: ServerConnection) -> None:
