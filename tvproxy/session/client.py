@@ -47,6 +47,7 @@ PARSE_NEW = 11     # (PARSE_NEW, stmt, skip, client name): Parse new to this ser
 TERMINALS = frozenset(b"123CIsnT")
 ADMIN_DATABASES = ("tvproxy", "pgbouncer")
 WAITING_READ_LIMIT = 1 << 20
+LOGIN_INPUT_LIMIT = 1 << 20
 
 
 class ClientSession(asyncio.Protocol):
@@ -116,8 +117,11 @@ class ClientSession(asyncio.Protocol):
             else:
                 self._process_client()
             return
-        if self._task is not None and self.ready is False and self._startup is not None:
+        if not self.closed:
             self._startup += data
+            if len(self._startup) > LOGIN_INPUT_LIMIT:  # nobody sends that much before login
+                self.fatal("08P01", "too much data before authentication completed")
+                return
             w = self._waiter
             if w is not None and not w.done():
                 w.set_result(None)
