@@ -216,3 +216,18 @@ def test_parameter_status_and_backend_key() -> None:
     ps = B.parameter_status("TimeZone", "UTC")
     assert D.parameter_status(ps[5:]) == ("TimeZone", "UTC")
     assert D.backend_key(B.backend_key_data(42, 7)[5:]) == (42, 7)
+
+
+@given(st.lists(messages, max_size=20), st.lists(st.integers(min_value=0), max_size=30))
+@settings(max_examples=300)
+def test_scan_hands_out_what_next_would(msgs: list[bytes], cuts: list[int]) -> None:
+    stream = b"".join(msgs) + b"D" + struct.pack("!I", 4 + 3000) + b"z" * 3000
+    by_next, by_scan = Framer(stream_threshold=500), Framer(stream_threshold=500)
+    for chunk in split_at(stream, cuts):
+        by_next.feed(chunk)
+        by_scan.feed(chunk)
+        expected = []
+        while (m := by_next.next()) is not None:
+            expected.append((m[0], bytes(by_next.buffer[m[1]:m[2]])))
+        got = [(t, bytes(by_scan.buffer[a:b])) for t, a, b in by_scan.scan()]
+        assert got == expected

@@ -61,6 +61,7 @@ class Framer:
     def unread(self, start: int) -> None:
         """Give back the message handed out at ``start`` (and everything after it)."""
         self._pos = start
+        self._skip = 0
 
     def pending(self) -> int:
         """Bytes received but not yet handed out."""
@@ -96,6 +97,34 @@ class Framer:
             return None
         self._pos = end
         return (mtype, pos, end)
+
+    def scan(self) -> list[tuple[int, int, int]]:
+        """Every message :meth:`next` would hand out now, in one call (the hot path's loop)."""
+        out = []
+        append = out.append
+        if self._skip:
+            m = self.next()
+            if m is None:
+                return out
+            append(m)
+        buf = self._buf
+        pos = self._pos
+        n = len(buf)
+        max_size = self.max_size
+        while n - pos >= 5:
+            mtype = buf[pos]
+            length = unpack_from("!I", buf, pos + 1)[0]
+            end = pos + 1 + length
+            if length < 4 or length > max_size or end > n:
+                break  # next() reports the error, or streams/waits for the rest
+            append((mtype, pos, end))
+            pos = end
+        self._pos = pos
+        if n - pos >= 5:
+            m = self.next()
+            if m is not None:
+                append(m)
+        return out
 
     def split(self, data: bytes) -> list[tuple[int, bytes]]:
         """Feed ``data`` and return the complete messages as ``(type, whole message)``.

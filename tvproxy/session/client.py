@@ -287,8 +287,7 @@ class ClientSession(asyncio.Protocol):
         expect = self.expect
         buf = framer.buffer
         try:
-            while (m := framer.next()) is not None:
-                mtype, start, end = m
+            for mtype, start, end in framer.scan():
                 if server is None:
                     if mtype == 0x58:  # Terminate while idle
                         self._close_transport()
@@ -586,8 +585,7 @@ class ClientSession(asyncio.Protocol):
         try:
             framer.feed(data)
             buf = framer.buffer
-            while (m := framer.next()) is not None:
-                mtype, start, end = m
+            for mtype, start, end in framer.scan():
                 head = expect[0] if expect else EXP_QUERY
                 if mtype == 0x5A:  # ReadyForQuery
                     status = buf[start + 5:start + 6]
