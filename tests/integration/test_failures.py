@@ -15,13 +15,13 @@ import struct
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
 import psycopg
 import pytest
-from harness import free_port
+from harness import free_port, wait_until
 
 PROTO_30 = 196608
 SSL_REQUEST = 80877103
@@ -153,14 +153,6 @@ def direct(pg: Any, db: str = "postgres") -> psycopg.Connection:
     return psycopg.connect(pg.dsn(db), autocommit=True)
 
 
-def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if pred():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
 
 
 def idle_in_tx_count(pg: Any) -> int:

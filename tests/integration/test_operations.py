@@ -13,23 +13,12 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from harness import ProxyProcess, free_port
-
-
-def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if pred():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
+from harness import ProxyProcess, free_port, wait_until
 
 
 def parallel_backends(proxy: Any, n: int = 3, sleep: float = 0.3) -> int:

@@ -10,12 +10,13 @@ import asyncio
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
 import psycopg
 import pytest
+from harness import wait_until
 
 COUNT_SQL = (
     "SELECT count(*) FROM pg_stat_activity"
@@ -34,14 +35,6 @@ def backend_count(pg: Any, db: str = "app") -> int:
         return int(row[0])
 
 
-def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if pred():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
 
 
 @pytest.fixture(autouse=True)
