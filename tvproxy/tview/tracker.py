@@ -1,0 +1,112 @@
+"""Keys touched by one client transaction, with a savepoint stack (pure, no I/O).
+
+A key is ``(entity, pk)``.  Keys captured while a statement runs are held apart until the
+statement completes: a failed statement's keys go with it.  ``SAVEPOINT`` pushes a level,
+``ROLLBACK TO`` empties the levels from the named savepoint up (the savepoint stays, as in
+PostgreSQL), ``RELEASE`` merges them into the level below.  Names follow PostgreSQL: the most
+recent savepoint of that name is meant, and an unknown name changes nothing (PostgreSQL fails the
+statement with 3B001).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable
+
+Keys = dict[str, set[Hashable]]
+
+
+def _merge(into: Keys, keys: Keys) -> None:
+    for entity, pks in keys.items():
+        if pks:
+            into.setdefault(entity, set()).update(pks)
+
+
+class TransactionTracker:
+    __slots__ = ("_levels", "_names", "_statement")
+
+    def __init__(self) -> None:
+        self._levels: list[Keys] = [{}]
+        self._names: list[str] = []  # savepoint names, one per level above the first
+        self._statement: Keys = {}
+
+    # --- statements ------------------------------------------------------------------------
+
+    def touch(self, entity: str, pks: Iterable[Hashable]) -> None:
+        """Keys written by the statement now running."""
+        self._statement.setdefault(entity, set()).update(pks)
+
+    def statement_succeeded(self) -> None:
+        _merge(self._levels[-1], self._statement)
+        self._statement = {}
+
+    def statement_failed(self) -> None:
+        self._statement = {}
+
+    # --- savepoints ------------------------------------------------------------------------
+
+    @property
+    def depth(self) -> int:
+        """Number of open savepoints."""
+        return len(self._names)
+
+    def savepoint(self, name: str) -> None:
+        self._names.append(name)
+        self._levels.append({})
+
+    def _find(self, name: str) -> int | None:
+        for i in range(len(self._names) - 1, -1, -1):
+            if self._names[i] == name:
+                return i
+        return None
+
+    def rollback_to(self, name: str) -> bool:
+        i = self._find(name)
+        if i is None:
+            return False
+        del self._names[i + 1:]
+        del self._levels[i + 2:]
+        self._levels[i + 1] = {}
+        self._statement = {}
+        return True
+
+    def release(self, name: str) -> bool:
+        i = self._find(name)
+        if i is None:
+            return False
+        below = self._levels[i]
+        for level in self._levels[i + 1:]:
+            _merge(below, level)
+        del self._names[i:]
+        del self._levels[i + 1:]
+        return True
+
+    # --- whole transaction -----------------------------------------------------------------
+
+    def pending(self) -> Keys:
+        """Every key of the transaction so far (statement in flight excluded)."""
+        out: Keys = {}
+        for level in self._levels:
+            _merge(out, level)
+        return out
+
+    def has_pending(self, entity: str) -> bool:
+        return any(level.get(entity) for level in self._levels)
+
+    def take(self, entities: Iterable[str] | None = None) -> Keys:
+        """Remove and return pending keys (of ``entities`` only, when given): a flush."""
+        if entities is None:
+            out = self.pending()
+            self._levels = [{} for _ in self._levels]
+            return out
+        wanted = set(entities)
+        out: Keys = {}
+        for level in self._levels:
+            for entity in wanted & level.keys():
+                out.setdefault(entity, set()).update(level.pop(entity))
+        return out
+
+    def reset(self) -> None:
+        """COMMIT, ROLLBACK or PREPARE TRANSACTION: nothing is pending any more."""
+        self._levels = [{}]
+        self._names = []
+        self._statement = {}
