@@ -19,6 +19,10 @@ from tvproxy.tview.catalog import (
 SCHEMA = "tvproxy_catalog_test"
 
 
+class _RollBack(Exception):
+    pass
+
+
 async def test_catalog_lifecycle(pg: Any) -> None:
     a = await asyncpg.connect(pg.url("app"))
     b = await asyncpg.connect(pg.url("app"))
@@ -54,3 +58,36 @@ async def test_catalog_lifecycle(pg: Any) -> None:
         await a.execute(f'DROP SCHEMA IF EXISTS "{SCHEMA}" CASCADE')
         for conn in (a, b, listener):
             await conn.close()
+
+
+async def test_view_sources_through_nested_views(pg: Any) -> None:
+    from tvproxy.tview.catalog import view_sources
+
+    conn = await asyncpg.connect(pg.url("app"))
+    try:
+        async with conn.transaction():
+            await conn.execute("""
+                CREATE TABLE vs_company (pk_company bigint PRIMARY KEY, name text);
+                CREATE TABLE vs_user (pk_user bigint PRIMARY KEY,
+                                      fk_company bigint REFERENCES vs_company, name text);
+                CREATE TABLE vs_post (pk_post bigint PRIMARY KEY,
+                                      fk_user bigint REFERENCES vs_user, title text);
+                CREATE TABLE vs_comment (pk_comment bigint PRIMARY KEY,
+                                         fk_post bigint REFERENCES vs_post, text text);
+                CREATE VIEW vs_v_company AS SELECT pk_company, name FROM vs_company;
+                CREATE VIEW vs_v_user AS SELECT u.pk_user, u.fk_company, c.name AS company
+                  FROM vs_user u JOIN vs_v_company c ON c.pk_company = u.fk_company;
+                CREATE VIEW vs_v_post AS SELECT p.pk_post, p.fk_user, u.company,
+                  (SELECT count(*) FROM vs_comment c WHERE c.fk_post = p.pk_post) AS comments
+                  FROM vs_post p JOIN vs_v_user u ON u.pk_user = p.fk_user;
+            """)
+            got = {(s.name, s.kind, s.depth) for s in await view_sources(conn, "vs_v_post")}
+            assert got == {
+                ("vs_post", "table", 1), ("vs_comment", "table", 1), ("vs_v_user", "view", 1),
+                ("vs_user", "table", 2), ("vs_v_company", "view", 2), ("vs_company", "table", 3),
+            }
+            raise _RollBack  # leave no test objects behind
+    except _RollBack:
+        pass
+    finally:
+        await conn.close()

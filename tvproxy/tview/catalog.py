@@ -115,3 +115,43 @@ async def delete_entry(conn: Any, schema: str, entity: str) -> bool:
     if deleted:
         await conn.execute("SELECT pg_notify($1, $2)", notify_channel(schema), entity)
     return bool(deleted)
+
+
+_SOURCES_SQL = """
+WITH RECURSIVE deps(relid, depth) AS (
+    SELECT DISTINCT d.refobjid, 1
+      FROM pg_rewrite r
+      JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid
+                      AND d.refclassid = 'pg_class'::regclass
+     WHERE r.ev_class = $1::regclass AND d.refobjid <> $1::regclass
+    UNION
+    SELECT d.refobjid, deps.depth + 1
+      FROM deps
+      JOIN pg_rewrite r ON r.ev_class = deps.relid
+      JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid
+                      AND d.refclassid = 'pg_class'::regclass
+     WHERE d.refobjid <> deps.relid AND deps.depth < 100
+)
+SELECT DISTINCT c.relname, n.nspname, c.relkind::text AS relkind, min(deps.depth) AS depth
+  FROM deps JOIN pg_class c ON c.oid = deps.relid
+  JOIN pg_namespace n ON n.oid = c.relnamespace
+ GROUP BY c.relname, n.nspname, c.relkind
+ ORDER BY depth, n.nspname, c.relname
+"""
+
+
+@dataclass(frozen=True)
+class ViewSource:
+    name: str
+    schema: str
+    kind: str  # "table" or "view"
+    depth: int  # 1 = read by the view itself, 2 = through one nested view, ...
+
+
+async def view_sources(conn: Any, view: str) -> list[ViewSource]:
+    """Every relation a view reads, recursively through nested views, from PostgreSQL's own
+    dependency catalog (pg_depend of the view's rewrite rules)."""
+    rows = await conn.fetch(_SOURCES_SQL, view)
+    kinds = {"r": "table", "p": "table", "v": "view", "m": "view", "f": "table"}
+    return [ViewSource(r["relname"], r["nspname"], kinds.get(r["relkind"], r["relkind"]),
+                       r["depth"]) for r in rows]
