@@ -66,3 +66,15 @@ def test_refresh_order_dependencies_first_and_cycles_rejected() -> None:
     with pytest.raises(TviewError) as err:
         refresh_order({"a": {"b"}, "b": {"c"}, "c": {"a"}})
     assert err.value.sqlstate == "55P03" and "a -> b -> c -> a" in err.value.message
+
+
+def test_plan_binds_keys_and_quotes_identifiers() -> None:
+    from tvproxy.tview.planner import TviewSpec, plan_refresh
+
+    spec = TviewSpec('we"ird', 'tv_we"ird', 'v_we"ird', "pk_x", "bigint", ("pk_x", "data"))
+    plan = plan_refresh({'we"ird': spec}, ['we"ird'], {'we"ird': {424242, 7}}, {'we"ird': "bigint"},
+                        1)
+    assert plan is not None and plan.entities == ('we"ird',)
+    assert plan.params[0] == ([424242, 7],)
+    assert all("424242" not in sql for sql in plan.statements)  # values are bound, never spliced
+    assert '"tv_we""ird"' in plan.statements[2] and '"v_we""ird"' in plan.statements[2]

@@ -1,0 +1,126 @@
+"""Refresh plans executed on a real PostgreSQL (fixture F of the TVIEW scenarios, no proxy yet):
+after each transaction every tv_ table equals its view (the oracle)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+import pytest
+
+from tvproxy.tview.analyze import TviewError
+from tvproxy.tview.planner import TviewSpec, affected, plan_refresh
+
+FIXTURE = """
+CREATE SCHEMA pl;
+SET LOCAL search_path = pl;
+CREATE TABLE tb_company (pk_company BIGINT PRIMARY KEY, id UUID NOT NULL DEFAULT gen_random_uuid(), name TEXT NOT NULL);
+CREATE TABLE tb_user (pk_user BIGINT PRIMARY KEY, id UUID NOT NULL DEFAULT gen_random_uuid(),
+  fk_company BIGINT NOT NULL REFERENCES tb_company, name TEXT NOT NULL, email TEXT);
+CREATE TABLE tb_post (pk_post BIGINT PRIMARY KEY, id UUID NOT NULL DEFAULT gen_random_uuid(),
+  fk_user BIGINT NOT NULL REFERENCES tb_user, title TEXT NOT NULL);
+CREATE TABLE tb_comment (pk_comment BIGINT PRIMARY KEY, id UUID NOT NULL DEFAULT gen_random_uuid(),
+  fk_post BIGINT NOT NULL REFERENCES tb_post, text TEXT);
+INSERT INTO tb_company VALUES (1, DEFAULT, 'Acme'), (2, DEFAULT, 'Globex');
+INSERT INTO tb_user VALUES (1, DEFAULT, 1, 'Alice', 'a@x'), (2, DEFAULT, 1, 'Bob', 'b@x'), (3, DEFAULT, 2, 'Carol', 'c@x');
+INSERT INTO tb_post VALUES (1, DEFAULT, 1, 'P1'), (2, DEFAULT, 1, 'P2'), (3, DEFAULT, 2, 'P3');
+INSERT INTO tb_comment VALUES (1, DEFAULT, 1, 'c1'), (2, DEFAULT, 1, 'c2');
+CREATE VIEW v_company AS SELECT pk_company, id, jsonb_build_object('id', id, 'name', name) AS data FROM tb_company;
+CREATE VIEW v_user AS
+SELECT u.pk_user, u.id, u.fk_company, v_company.id AS company_id,
+       jsonb_build_object('id', u.id, 'name', u.name, 'company', v_company.data) AS data
+FROM tb_user u JOIN v_company ON v_company.pk_company = u.fk_company;
+CREATE VIEW v_post AS
+SELECT p.pk_post, p.id, p.fk_user, v_user.id AS user_id,
+       jsonb_build_object('id', p.id, 'title', p.title, 'author', v_user.data,
+         'comments', COALESCE((SELECT jsonb_agg(jsonb_build_object('id', c.pk_comment, 'text', c.text)
+                                ORDER BY c.pk_comment) FROM tb_comment c WHERE c.fk_post = p.pk_post), '[]'::jsonb)) AS data
+FROM tb_post p JOIN v_user ON v_user.pk_user = p.fk_user;
+CREATE TABLE tv_company AS SELECT * FROM v_company; ALTER TABLE tv_company ADD PRIMARY KEY (pk_company);
+CREATE TABLE tv_user AS SELECT * FROM v_user; ALTER TABLE tv_user ADD PRIMARY KEY (pk_user);
+CREATE TABLE tv_post AS SELECT * FROM v_post; ALTER TABLE tv_post ADD PRIMARY KEY (pk_post);
+"""
+
+SPECS = {
+    "company": TviewSpec("company", "tv_company", "v_company", "pk_company", "bigint",
+                         ("pk_company", "id", "data"), (), "pl"),
+    "user": TviewSpec("user", "tv_user", "v_user", "pk_user", "bigint",
+                      ("pk_user", "id", "fk_company", "company_id", "data"),
+                      (("fk_company", "company"),), "pl"),
+    "post": TviewSpec("post", "tv_post", "v_post", "pk_post", "bigint",
+                      ("pk_post", "id", "fk_user", "user_id", "data"), (("fk_user", "user"),), "pl"),
+}
+ORDER = ["company", "user", "post"]
+TYPES = {e: "bigint" for e in ("company", "user", "post", "comment")}
+
+
+@pytest.fixture
+async def conn(pg: Any) -> Any:
+    c = await asyncpg.connect(pg.url("app"))
+    await c.execute("DROP SCHEMA IF EXISTS pl CASCADE")
+    async with c.transaction():
+        await c.execute(FIXTURE)
+    yield c
+    await c.execute("DROP SCHEMA IF EXISTS pl CASCADE")
+    await c.close()
+
+
+async def run(conn: Any, writes: str, touched: dict[str, set[int]]) -> dict[str, tuple[int, int]]:
+    """Apply ``writes`` and the plan for ``touched`` in one transaction; (upserted, deleted)."""
+    counts: dict[str, tuple[int, int]] = {}
+    async with conn.transaction():
+        await conn.execute(writes)
+        plan = plan_refresh(SPECS, ORDER, touched, TYPES, 0x7476)
+        assert plan is not None
+        assert len(plan.statements) == 2 + len(plan.entities)
+        for sql, params in zip(plan.statements[:2], plan.params[:2], strict=True):
+            await conn.fetch(sql, *params)
+        for entity, sql in zip(plan.entities, plan.statements[2:], strict=True):
+            row = await conn.fetchrow(sql)
+            counts[entity] = (row["upserted"], row["deleted"])
+    for e in ORDER:
+        drift = await conn.fetchval(
+            f"SELECT count(*) FROM ((TABLE pl.tv_{e} EXCEPT TABLE pl.v_{e}) UNION ALL "
+            f"(TABLE pl.v_{e} EXCEPT TABLE pl.tv_{e})) d")
+        assert drift == 0, f"tv_{e} drifted from v_{e}"
+    return counts
+
+
+async def test_scalar_update_refreshes_one_row(conn: Any) -> None:
+    counts = await run(conn, "UPDATE pl.tb_post SET title = 'P1b' WHERE pk_post = 1", {"post": {1}})
+    assert counts == {"post": (1, 0)}
+
+
+async def test_cascades_follow_embedding(conn: Any) -> None:
+    counts = await run(conn, "UPDATE pl.tb_user SET name = 'Alicia' WHERE pk_user = 1",
+                       {"user": {1}})
+    assert counts == {"user": (1, 0), "post": (2, 0)}  # posts 1 and 2, not 3
+    counts = await run(conn, "UPDATE pl.tb_company SET name = 'Acme Corp' WHERE pk_company = 1",
+                       {"company": {1}})
+    assert counts == {"company": (1, 0), "user": (2, 0), "post": (3, 0)}  # R(user,3)=0
+
+
+async def test_insert_delete_move_and_aggregation(conn: Any) -> None:
+    await run(conn, "INSERT INTO pl.tb_post VALUES (4, DEFAULT, 3, 'P4')", {"post": {4}})
+    assert await conn.fetchval("SELECT data->'author'->'company'->>'name' FROM pl.tv_post "
+                               "WHERE pk_post = 4") == "Globex"
+    # comments are aggregated into their post: the comment's fk_post is the touched post key
+    counts = await run(conn, "INSERT INTO pl.tb_comment VALUES (3, DEFAULT, 2, 'c3')",
+                       {"comment": {3}, "post": {2}})
+    assert counts == {"post": (1, 0)}
+    counts = await run(conn, "UPDATE pl.tb_post SET fk_user = 3 WHERE pk_post = 1", {"post": {1}})
+    assert counts == {"post": (1, 0)}
+    counts = await run(conn, "DELETE FROM pl.tb_comment WHERE fk_post = 1; "
+                             "DELETE FROM pl.tb_post WHERE pk_post = 1",
+                       {"comment": {1, 2}, "post": {1}})
+    assert counts == {"post": (0, 1)}
+    counts = await run(conn, "UPDATE pl.tb_post SET title = title WHERE pk_post = 2", {"post": {2}})
+    assert counts == {"post": (0, 0)}  # unchanged rows are skipped
+
+
+def test_nothing_affected_and_depth_limit() -> None:
+    assert plan_refresh(SPECS, ORDER, {"comment": {1}}, TYPES, 1) is None
+    assert affected(SPECS, {"company"}) == {"company": 0, "user": 1, "post": 2}
+    with pytest.raises(TviewError) as err:
+        affected(SPECS, {"company"}, max_depth=1)
+    assert err.value.sqlstate == "54001"

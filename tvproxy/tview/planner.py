@@ -1,0 +1,160 @@
+"""Touched keys -> the ordered refresh SQL of one transaction (pure, no I/O).
+
+A plan is a short list of statements sent in one round trip before the COMMIT:
+
+1. *keys*: one statement computes, on the transaction's current (pre-refresh) state, the key set
+   of every affected TVIEW (explicit keys, plus rows of ``tv_e`` embedding a parent whose keys
+   are in the parent's set, transitively) and keeps each set for the rest of the transaction in
+   a transaction-local setting ``tvproxy.k_<hex of entity>``.  Computing all sets in one statement
+   means every set sees the same old state, whatever the refresh order.
+2. *locks*: transaction-scoped advisory locks on every key, in one global order (entity rank,
+   key), in their own statement, before anything is recomputed.
+3. *refresh*: one statement per TVIEW, dependencies first: recompute ``v_e`` for the keys,
+   upsert rows that changed (``IS DISTINCT FROM``), delete rows that vanished.
+
+Identifiers are quoted here; key values are always bound parameters (arrays).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+
+from tvproxy.tview.analyze import TviewError
+from tvproxy.tview.catalog import quote_ident as q
+
+
+@dataclass(frozen=True)
+class TviewSpec:
+    entity: str
+    table: str
+    view: str
+    pk: str
+    pk_type: str
+    columns: tuple[str, ...]  # the view's output columns, in order (pk first among pk_*)
+    embeds: tuple[tuple[str, str], ...] = ()  # (fk column of tv_e, parent entity)
+    schema: str = "public"
+
+
+@dataclass(frozen=True)
+class RefreshPlan:
+    entities: tuple[str, ...]  # refreshed TVIEWs, in order
+    statements: tuple[str, ...]  # keys, locks, then one per TVIEW
+    params: tuple[tuple[object, ...], ...]  # bound parameters of each statement
+
+
+def _setting(entity: str) -> str:
+    # a valid custom setting name whatever the entity is called (hex of its name)
+    return f"tvproxy.k_{entity.encode().hex()}"
+
+
+def affected(specs: Mapping[str, TviewSpec], touched: Collection[str],
+             max_depth: int = 100) -> dict[str, int]:
+    """TVIEW entities a change of ``touched`` entities reaches, with their propagation depth.
+
+    Exceeding ``max_depth`` raises 54001 (as PostgreSQL's stack depth errors).
+    """
+    depth: dict[str, int] = {e: 0 for e in touched if e in specs}
+    frontier = set(touched)
+    level = 0
+    while frontier:
+        level += 1
+        nxt = {
+            e for e, spec in specs.items()
+            if any(parent in frontier for _, parent in spec.embeds) and e not in depth
+        }
+        if not nxt:
+            break
+        if level > max_depth:
+            raise TviewError("54001", f"TVIEW propagation depth exceeds max_propagation_depth "
+                                      f"({max_depth})")
+        for e in nxt:
+            depth[e] = level
+        frontier = nxt
+    return depth
+
+
+def plan_refresh(
+    specs: Mapping[str, TviewSpec],
+    order: Sequence[str],
+    touched: Mapping[str, Collection[Hashable]],
+    key_types: Mapping[str, str],
+    lock_namespace: int,
+    max_depth: int = 100,
+) -> RefreshPlan | None:
+    """The plan for keys ``touched`` (entity -> pks; base entities and TVIEW entities alike;
+    ``key_types`` gives the SQL type of each touched entity's key).  None when nothing is
+    affected."""
+    touched = {e: keys for e, keys in touched.items() if keys}
+    reach = affected(specs, touched.keys(), max_depth)
+    entities = tuple(e for e in order if e in reach)
+    if not entities:
+        return None
+    params: list[object] = []
+    param_no: dict[str, int] = {}  # numbered on first use: unused keys are not sent
+
+    def param(e: str) -> int:
+        if e not in param_no:
+            params.append(sorted(touched[e], key=str))
+            param_no[e] = len(params)
+        return param_no[e]
+
+    def keys_sql(e: str, seen: tuple[str, ...]) -> str:
+        parts = []
+        if e in touched:
+            parts.append(f"SELECT unnest(${param(e)}::{key_types[e]}[])")
+        spec = specs.get(e)
+        if spec is not None:
+            tv = f"{q(spec.schema)}.{q(spec.table)}"
+            for fk, parent in spec.embeds:
+                if parent in seen or (parent not in reach and parent not in touched):
+                    continue
+                parts.append(f"SELECT t.{q(spec.pk)} FROM {tv} t WHERE t.{q(fk)} IN "
+                             f"({keys_sql(parent, (*seen, e))})")
+        return " UNION ".join(parts) if parts else f"SELECT NULL::{key_types.get(e, 'text')}"
+
+    stash = ", ".join(
+        f"set_config('{_setting(e)}', coalesce((SELECT array_agg(DISTINCT k)::text FROM "
+        f"({keys_sql(e, ())}) s(k) WHERE k IS NOT NULL), '{{}}'), true)"
+        for e in entities
+    )
+    statements = [f"SELECT {stash}"]
+    all_params: list[tuple[object, ...]] = [tuple(params)]
+
+    rank = {e: i for i, e in enumerate(order)}
+    lock_rows = " UNION ALL ".join(
+        f"SELECT {rank[e]} AS r, k::text AS k FROM unnest(current_setting('{_setting(e)}')"
+        f"::{specs[e].pk_type}[]) k"
+        for e in entities
+    )
+    statements.append(
+        f"SELECT count(pg_advisory_xact_lock({int(lock_namespace)}, hashtext(r || ':' || k)))"
+        f" FROM (SELECT r, k FROM ({lock_rows}) l ORDER BY r, k) o")
+    all_params.append(())
+
+    for e in entities:
+        statements.append(_refresh_sql(specs[e]))
+        all_params.append(())
+    return RefreshPlan(entities, tuple(statements), tuple(all_params))
+
+
+def _refresh_sql(spec: TviewSpec) -> str:
+    tv = f"{q(spec.schema)}.{q(spec.table)}"
+    view = f"{q(spec.schema)}.{q(spec.view)}"
+    pk = q(spec.pk)
+    cols = ", ".join(q(c) for c in spec.columns)
+    rest = [c for c in spec.columns if c != spec.pk]
+    assign = ", ".join(f"{q(c)} = EXCLUDED.{q(c)}" for c in rest)
+    old = ", ".join(f"t.{q(c)}" for c in rest)
+    new = ", ".join(f"EXCLUDED.{q(c)}" for c in rest)
+    return (
+        f"WITH k AS (SELECT unnest(current_setting('{_setting(spec.entity)}')::{spec.pk_type}[])"
+        f" AS pk),"
+        f" src AS MATERIALIZED (SELECT {cols} FROM {view} WHERE {pk} IN (SELECT pk FROM k)),"
+        f" up AS (INSERT INTO {tv} AS t ({cols}) SELECT {cols} FROM src"
+        f" ON CONFLICT ({pk}) DO UPDATE SET {assign}"
+        f" WHERE ROW({old}) IS DISTINCT FROM ROW({new}) RETURNING 1),"
+        f" del AS (DELETE FROM {tv} t WHERE t.{pk} IN (SELECT pk FROM k)"
+        f" AND NOT EXISTS (SELECT 1 FROM src WHERE src.{pk} = t.{pk}) RETURNING 1)"
+        f" SELECT (SELECT count(*) FROM up) AS upserted, (SELECT count(*) FROM del) AS deleted"
+    )
