@@ -21,6 +21,11 @@ from pglast.stream import RawStream
 PREFIX = "tv_"
 
 
+def quote_ident(name: str) -> str:
+    """A SQL identifier, always quoted (refresh SQL never splices names unquoted)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
 class TviewError(Exception):
     """A TVIEW declaration PostgreSQL-style: SQLSTATE plus a message naming the construct."""
 

@@ -16,11 +16,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from tvproxy.tview.analyze import quote_ident
+
 STRATEGIES = ("incremental", "full")
-
-
-def quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 def catalog_ddl(schema: str, lock_namespace: int) -> list[str]:

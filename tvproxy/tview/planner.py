@@ -21,7 +21,7 @@ from collections.abc import Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 from tvproxy.tview.analyze import TviewError
-from tvproxy.tview.catalog import quote_ident as q
+from tvproxy.tview.analyze import quote_ident as q
 
 
 @dataclass(frozen=True)
