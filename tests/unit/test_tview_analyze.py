@@ -78,3 +78,31 @@ def test_plan_binds_keys_and_quotes_identifiers() -> None:
     assert plan.params[0] == ([424242, 7],)
     assert all("424242" not in sql for sql in plan.statements)  # values are bound, never spliced
     assert '"tv_we""ird"' in plan.statements[2] and '"v_we""ird"' in plan.statements[2]
+
+
+def test_key_mapping_of_fixture_f() -> None:
+    from tvproxy.tview.analyze import key_mapping
+
+    user = key_mapping("user", ["pk_user", "id", "fk_company", "company_id", "data"],
+                       {"tb_user": ["pk_user", "fk_company", "name"],
+                        "tb_company": ["pk_company", "name"]}, {"company": frozenset({"tb_company"})})
+    assert [(r.table, r.rule, r.column) for r in user.rules] == [
+        ("tb_company", "embedding", "fk_company"), ("tb_user", "self", None)]
+    post = key_mapping(
+        "post", ["pk_post", "id", "fk_user", "user_id", "data"],
+        {"tb_post": ["pk_post", "fk_user", "title"], "tb_comment": ["pk_comment", "fk_post"],
+         "tb_user": ["pk_user", "fk_company"], "tb_company": ["pk_company", "name"]},
+        {"user": frozenset({"tb_user", "tb_company"})})
+    assert post.strategy == "incremental" and not post.warnings
+    assert {(r.table, r.rule, r.column, r.via) for r in post.rules} == {
+        ("tb_comment", "aggregation", "fk_post", None), ("tb_company", "transitive", None, "user"),
+        ("tb_post", "self", None, None), ("tb_user", "embedding", "fk_user", None)}
+
+
+def test_unmappable_source_makes_the_tview_full_with_a_warning() -> None:
+    from tvproxy.tview.analyze import key_mapping
+
+    got = key_mapping("post", ["pk_post", "data"],
+                      {"tb_post": ["pk_post"], "tb_tag": ["pk_tag", "label"]}, {})
+    assert got.strategy == "full"
+    assert len(got.warnings) == 1 and "tb_tag" in got.warnings[0] and "tv_post" in got.warnings[0]

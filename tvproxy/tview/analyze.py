@@ -126,3 +126,62 @@ def refresh_order(depends_on: Mapping[str, set[str]]) -> list[str]:
     for node in sorted(depends_on):
         visit(node, [])
     return order
+
+
+@dataclass(frozen=True)
+class SourceRule:
+    table: str
+    entity: str  # the base entity: tb_<entity>
+    rule: str  # self | embedding | aggregation | transitive
+    column: str | None  # fk_ column: on the tv_ table (embedding) or the child table (aggregation)
+    via: str | None = None  # transitive: the embedded TVIEW entity that covers it
+
+
+@dataclass(frozen=True)
+class KeyMapping:
+    rules: tuple[SourceRule, ...]
+    strategy: str  # incremental | full
+    warnings: tuple[str, ...]
+
+
+def base_entity(table: str) -> str | None:
+    return table[3:] if table.startswith("tb_") and len(table) > 3 else None
+
+
+def key_mapping(
+    entity: str,
+    tv_columns: Sequence[str],
+    base_sources: Mapping[str, Sequence[str]],
+    covered_by: Mapping[str, frozenset[str]],
+) -> KeyMapping:
+    """How a write to each base table a TVIEW reads maps to rows of ``tv_<entity>``.
+
+    ``base_sources``: every base table the view reads (through nested views too) with its
+    columns. ``covered_by``: for each other TVIEW entity this one embeds (``fk_<d>`` on the tv
+    table), the base tables that TVIEW already maps, so their writes reach this one transitively.
+    A table none of the rules maps makes the TVIEW ``full`` (diff refresh when it is touched),
+    with a warning naming it, never silent staleness.
+    """
+    tv_fks = {c for c in tv_columns if c.startswith("fk_")}
+    rules: list[SourceRule] = []
+    warnings: list[str] = []
+    for table in sorted(base_sources):
+        b = base_entity(table)
+        columns = set(base_sources[table])
+        if b == entity:
+            rules.append(SourceRule(table, b, "self", None))
+        elif b is not None and f"fk_{b}" in tv_fks:
+            rules.append(SourceRule(table, b, "embedding", f"fk_{b}"))
+        elif f"fk_{entity}" in columns:
+            rules.append(SourceRule(table, b or table, "aggregation", f"fk_{entity}"))
+        else:
+            via = next((d for d in sorted(covered_by) if table in covered_by[d]
+                        and f"fk_{d}" in tv_fks), None)
+            if via is not None:
+                rules.append(SourceRule(table, b or table, "transitive", None, via))
+            else:
+                warnings.append(
+                    f"TVIEW tv_{entity}: writes to {table} cannot be mapped to rows "
+                    f"(no fk_{b or table} column on tv_{entity}, no fk_{entity} column on "
+                    f"{table}); it is refreshed fully when {table} changes")
+    return KeyMapping(tuple(rules), "full" if warnings else "incremental", tuple(warnings))
