@@ -41,7 +41,7 @@ class ProxyServer:
         self._janitor: asyncio.Task | None = None
         self._last_roll = time.monotonic()
         self._param_sigs: dict[tuple, tuple] = {}
-        self._idle_tx: dict[int, tuple[int, float]] = {}
+        self._idle_tx: dict[int, tuple[tuple[int, int], float]] = {}  # client id -> (input mark, since)
 
     def reload_userlist(self) -> None:
         """Re-read ``auth_file`` (raises ConfigError and keeps the old list on failure)."""
@@ -116,7 +116,7 @@ class ProxyServer:
 
     def close_everything(self) -> None:
         for client in list(self.clients):
-            client.fatal("57P01", "database server is shutting down" if False else "pooler is shutting down")
+            client.fatal("57P01", "pooler is shutting down")
         for pool in self.pools.values():
             pool.close_all()
 
@@ -127,6 +127,7 @@ class ProxyServer:
 
     def client_gone(self, client: ClientSession) -> None:
         self.clients.discard(client)
+        self._idle_tx.pop(client.id, None)
         key = (client.pid, client.secret)
         if self.cancel_keys.get(key) is client:
             del self.cancel_keys[key]
@@ -222,7 +223,7 @@ class ProxyServer:
     def kill(self, database: str | None = None) -> None:
         for client in list(self.clients):
             if client.admin is None and (database is None or client.database == database):
-                client.fatal("08P01", "database removed" if False else "admin console KILL")
+                client.fatal("08P01", "admin console KILL")
         for (d, _), pool in self.pools.items():
             if database is None or d == database:
                 pool.close_all()
@@ -294,7 +295,7 @@ class ProxyServer:
                 mark = (client.framer.position, len(client.framer.buffer))
                 seen = self._idle_tx.get(client.id)
                 if seen is None or seen[0] != mark:
-                    self._idle_tx[client.id] = (mark, now)  # type: ignore[assignment]
+                    self._idle_tx[client.id] = (mark, now)
                 elif now - seen[1] > p.idle_transaction_timeout:
                     self._idle_tx.pop(client.id, None)
                     client.fatal("25P03", "idle transaction timeout")
