@@ -74,6 +74,16 @@ def affected(specs: Mapping[str, TviewSpec], touched: Collection[str],
     return depth
 
 
+class _AllKeys:
+    """Marker in a touched key set: the statement's keys are unknown, every row counts."""
+
+    def __repr__(self) -> str:
+        return "ALL_KEYS"
+
+
+ALL_KEYS: Hashable = _AllKeys()
+
+
 def plan_refresh(
     specs: Mapping[str, TviewSpec],
     order: Sequence[str],
@@ -81,11 +91,24 @@ def plan_refresh(
     key_types: Mapping[str, str],
     lock_namespace: int,
     max_depth: int = 100,
+    all_keys: Mapping[str, str] | None = None,
+    derived: Mapping[str, Sequence[tuple[str, str]]] | None = None,
 ) -> RefreshPlan | None:
     """The plan for keys ``touched`` (entity -> pks; base entities and TVIEW entities alike;
     ``key_types`` gives the SQL type of each touched entity's key).  None when nothing is
-    affected."""
+    affected.
+
+    ``all_keys``: entity -> a SELECT of every key, used when a key set holds ``ALL_KEYS``.
+    ``derived``: entity -> ``(child entity, template)``: keys of the entity computed from a
+    child's keys at refresh time (the current fk of aggregated children); ``{keys}`` in the
+    template is replaced by the child's key query.
+    """
+    all_keys = all_keys or {}
+    derived = derived or {}
     touched = {e: keys for e, keys in touched.items() if keys}
+    for e, children in derived.items():
+        if e not in touched and any(c in touched for c, _ in children):
+            touched[e] = ()
     reach = affected(specs, touched.keys(), max_depth)
     entities = tuple(e for e in order if e in reach)
     if not entities:
@@ -95,14 +118,20 @@ def plan_refresh(
 
     def param(e: str) -> int:
         if e not in param_no:
-            params.append(sorted(touched[e], key=str))
+            params.append(sorted((k for k in touched[e] if k is not ALL_KEYS), key=str))
             param_no[e] = len(params)
         return param_no[e]
 
     def keys_sql(e: str, seen: tuple[str, ...]) -> str:
         parts = []
         if e in touched:
-            parts.append(f"SELECT unnest(${param(e)}::{key_types[e]}[])")
+            if ALL_KEYS in touched[e] and e in all_keys:
+                parts.append(all_keys[e])
+            elif touched[e]:
+                parts.append(f"SELECT unnest(${param(e)}::{key_types[e]}[])")
+            for child, template in derived.get(e, ()):
+                if child in touched and child not in seen:
+                    parts.append(template.replace("{keys}", keys_sql(child, (*seen, e))))
         spec = specs.get(e)
         if spec is not None:
             tv = f"{q(spec.schema)}.{q(spec.table)}"
@@ -114,8 +143,9 @@ def plan_refresh(
         return " UNION ".join(parts) if parts else f"SELECT NULL::{key_types.get(e, 'text')}"
 
     stash = ", ".join(
-        f"set_config('{_setting(e)}', coalesce((SELECT array_agg(DISTINCT k)::text FROM "
-        f"({keys_sql(e, ())}) s(k) WHERE k IS NOT NULL), '{{}}'), true)"
+        f"cardinality(set_config('{_setting(e)}', coalesce((SELECT array_agg(DISTINCT k)::text"
+        f" FROM ({keys_sql(e, ())}) s(k) WHERE k IS NOT NULL), '{{}}'), true)"
+        f"::{specs[e].pk_type}[])"
         for e in entities
     )
     statements = [f"SELECT {stash}"]

@@ -1,0 +1,217 @@
+"""TVIEW DDL and maintenance on an asyncpg connection: the Python API behind the proxy's
+``CREATE TABLE tv_x AS SELECT`` / ``DROP TABLE tv_x``, the ``tvproxy tview`` commands and the
+engine's catalog loading.
+
+    conn = await asyncpg.connect(dsn)
+    result = await create_tview(conn, "CREATE TABLE tv_post AS SELECT ...")
+    await drop_tviews(conn, "DROP TABLE tv_post")
+    await refresh_full(conn, "post"); drift = await verify(conn)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tvproxy.tview.analyze import (
+    CreateTview,
+    DropTviews,
+    TviewError,
+    base_entity,
+    check_columns,
+    key_mapping,
+    parse_tview_ddl,
+    refresh_order,
+)
+from tvproxy.tview.analyze import quote_ident as q
+from tvproxy.tview.catalog import (
+    CatalogEntry,
+    delete_entry,
+    ensure_catalog,
+    load_catalog,
+    save_entry,
+    view_sources,
+)
+from tvproxy.tview.model import BaseTable, RuntimeCatalog, build_runtime
+
+DEFAULT_SCHEMA = "tvproxy"
+DEFAULT_LOCK_NAMESPACE = 0x7476
+
+_COLUMNS_SQL = """
+SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
+  FROM pg_attribute a WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped
+ ORDER BY a.attnum"""
+
+_PK_SQL = """
+SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
+  FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+ WHERE i.indrelid = $1::regclass AND i.indisprimary"""
+
+
+@dataclass(frozen=True)
+class CreateResult:
+    entity: str
+    rows: int
+    strategy: str
+    warnings: tuple[str, ...]
+
+
+async def _columns(conn: Any, rel: str) -> list[tuple[str, str]]:
+    return [(r[0], r[1]) for r in await conn.fetch(_COLUMNS_SQL, rel)]
+
+
+async def _base_table(conn: Any, schema: str, name: str) -> BaseTable | None:
+    rel = f"{q(schema)}.{q(name)}"
+    cols = await _columns(conn, rel)
+    pk = await conn.fetchrow(_PK_SQL, rel)
+    if pk is None:
+        guess = [(n, t) for n, t in cols if n == f"pk_{base_entity(name)}"]
+        if not guess:
+            return None
+        pk = guess[0]
+    return BaseTable(name, schema, pk[0], pk[1], tuple(n for n, _ in cols))
+
+
+async def create_tview(conn: Any, ddl: str | CreateTview, schema: str = DEFAULT_SCHEMA,
+                       lock_namespace: int = DEFAULT_LOCK_NAMESPACE) -> CreateResult:
+    """Create v_x, tv_x (pk, fk and GIN indexes) and the catalog row in one transaction."""
+    stmt = parse_tview_ddl(ddl) if isinstance(ddl, str) else ddl
+    if not isinstance(stmt, CreateTview):
+        raise TviewError("42601", "not a CREATE TABLE tv_<entity> AS SELECT statement")
+    await ensure_catalog(conn, schema, lock_namespace)
+    async with conn.transaction():
+        catalog = {e.entity: e for e in await load_catalog(conn, schema)}
+        if stmt.entity in catalog:
+            raise TviewError("42P07", f'TVIEW "{stmt.table}" already exists')
+        rel_schema = stmt.schema or await conn.fetchval("SELECT current_schema()::text")
+        view = f"{q(rel_schema)}.{q(stmt.view)}"
+        table = f"{q(rel_schema)}.{q(stmt.table)}"
+        if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", table):
+            raise TviewError("42P07", f'relation "{stmt.table}" already exists')
+        await conn.execute(f"CREATE VIEW {view} AS {stmt.select_sql}")
+        cols = await _columns(conn, view)
+        tvcols = check_columns(stmt.table, cols)
+        sources = await view_sources(conn, view)
+        tables = [s for s in sources if s.kind == "table"]
+        views = {s.name for s in sources if s.kind == "view"}
+        depends = tuple(sorted(e.entity for e in catalog.values() if e.view_name in views))
+        graph = {e.entity: set(e.depends_on) for e in catalog.values()}
+        graph[stmt.entity] = set(depends)
+        refresh_order(graph)  # 55P03 on a cycle
+        base_sources: dict[str, list[str]] = {}
+        for src in tables:
+            if src.schema == schema:
+                continue
+            await conn.execute(f"LOCK TABLE {q(src.schema)}.{q(src.name)} IN SHARE MODE")
+            base_sources[src.name] = [n for n, _ in await _columns(
+                conn, f"{q(src.schema)}.{q(src.name)}")]
+        covered = {d: frozenset(r["table"] for r in catalog[d].key_mapping.get("rules", ()))
+                   | frozenset(catalog[d].key_mapping.get("unmapped", ())) for d in depends}
+        mapping = key_mapping(stmt.entity, [n for n, _ in cols], base_sources, covered)
+        mapped = {r.table for r in mapping.rules}
+        await conn.execute(f"CREATE TABLE {table} AS SELECT * FROM {view} WITH NO DATA")
+        await conn.execute(f"ALTER TABLE {table} ADD PRIMARY KEY ({q(tvcols.pk)})")
+        for fk in tvcols.fks:
+            await conn.execute(f"CREATE INDEX ON {table} ({q(fk)})")
+        await conn.execute(f"CREATE INDEX ON {table} USING gin (data)")
+        status = await conn.execute(f"INSERT INTO {table} SELECT * FROM {view}")
+        rows = int(status.split()[-1])
+        entry = CatalogEntry(
+            stmt.entity, stmt.table, stmt.view, tvcols.pk, tvcols.pk_type, stmt.select_sql,
+            tuple(sorted(f"{s.schema}.{s.name}" for s in sources)), depends,
+            {"schema": rel_schema, "columns": [n for n, _ in cols],
+             "rules": [{"table": r.table, "entity": r.entity, "rule": r.rule,
+                        "column": r.column, "via": r.via} for r in mapping.rules],
+             "unmapped": sorted(set(base_sources) - mapped)},
+            mapping.strategy)
+        await save_entry(conn, schema, entry)
+    return CreateResult(stmt.entity, rows, mapping.strategy, mapping.warnings)
+
+
+async def drop_tviews(conn: Any, ddl: str | DropTviews, schema: str = DEFAULT_SCHEMA) -> list[str]:
+    """Drop TVIEWs (and, with CASCADE, the TVIEWs built on them); returns the entities dropped."""
+    stmt = parse_tview_ddl(ddl) if isinstance(ddl, str) else ddl
+    if not isinstance(stmt, DropTviews):
+        raise TviewError("42601", "not a DROP TABLE tv_<entity> statement")
+    async with conn.transaction():
+        catalog = {e.table_name: e for e in await load_catalog(conn, schema)}
+        todo: list[str] = []
+        for name in stmt.tables:
+            if name not in catalog:
+                if stmt.if_exists:
+                    continue
+                raise TviewError("42P01", f'TVIEW "{name}" does not exist')
+            todo.append(name)
+        dropped: list[str] = []
+        while todo:
+            name = todo.pop()
+            entry = catalog[name]
+            if entry.entity in dropped:
+                continue
+            users = [e for e in catalog.values()
+                     if entry.entity in e.depends_on and e.entity not in dropped]
+            if users and not stmt.cascade:
+                raise TviewError(
+                    "2BP01", f'cannot drop TVIEW {name} because TVIEW {users[0].table_name} '
+                             f'depends on it (use DROP ... CASCADE)')
+            todo.extend(u.table_name for u in users)
+            rel_schema = entry.key_mapping.get("schema", "public")
+            await conn.execute(f"DROP VIEW IF EXISTS {q(rel_schema)}.{q(entry.view_name)} CASCADE")
+            await conn.execute(f"DROP TABLE IF EXISTS {q(rel_schema)}.{q(entry.table_name)}")
+            await delete_entry(conn, schema, entry.entity)
+            dropped.append(entry.entity)
+    return dropped
+
+
+async def load_runtime(conn: Any, schema: str = DEFAULT_SCHEMA) -> RuntimeCatalog:
+    """The engine's view of a database's TVIEWs (empty when there is no catalog)."""
+    entries = await load_catalog(conn, schema)
+    tables: dict[str, BaseTable] = {}
+    for entry in entries:
+        names = [r["table"] for r in entry.key_mapping.get("rules", ())]
+        names += list(entry.key_mapping.get("unmapped", ()))
+        for name in names:
+            if name in tables:
+                continue
+            src = next((s for s in entry.sources if s.rsplit(".", 1)[-1] == name), None)
+            src_schema = src.rsplit(".", 1)[0] if src and "." in src else "public"
+            base = await _base_table(conn, src_schema, name)
+            if base is not None:
+                tables[name] = base
+    return build_runtime(entries, tables)
+
+
+async def refresh_full(conn: Any, entity: str | None = None,
+                       schema: str = DEFAULT_SCHEMA) -> dict[str, tuple[int, int]]:
+    """Recompute TVIEWs from their views (diff: upsert changed rows, delete vanished ones)."""
+    from tvproxy.tview.planner import ALL_KEYS, plan_refresh
+
+    rt = await load_runtime(conn, schema)
+    wanted = [entity] if entity else rt.order
+    out: dict[str, tuple[int, int]] = {}
+    async with conn.transaction():
+        for e in wanted:
+            if e not in rt.specs:
+                raise TviewError("42P01", f'TVIEW "tv_{e}" does not exist')
+            plan = plan_refresh({e: rt.specs[e]}, [e], {e: {ALL_KEYS}}, rt.key_types,
+                                DEFAULT_LOCK_NAMESPACE, all_keys=rt.all_keys)
+            assert plan is not None
+            await conn.fetch(plan.statements[0])
+            await conn.fetch(plan.statements[1])
+            row = await conn.fetchrow(plan.statements[2])
+            out[e] = (row["upserted"], row["deleted"])
+    return out
+
+
+async def verify(conn: Any, schema: str = DEFAULT_SCHEMA) -> dict[str, int]:
+    """Rows that differ between each tv_x and its v_x (0 everywhere means fresh)."""
+    rt = await load_runtime(conn, schema)
+    out: dict[str, int] = {}
+    for e in rt.order:
+        spec = rt.specs[e]
+        cols = ", ".join(q(c) for c in spec.columns)
+        tv, view = f"{q(spec.schema)}.{q(spec.table)}", f"{q(spec.schema)}.{q(spec.view)}"
+        out[e] = await conn.fetchval(
+            f"SELECT count(*) FROM ((SELECT {cols} FROM {tv} EXCEPT SELECT {cols} FROM {view})"
+            f" UNION ALL (SELECT {cols} FROM {view} EXCEPT SELECT {cols} FROM {tv})) d")
+    return out

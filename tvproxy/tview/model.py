@@ -1,0 +1,114 @@
+"""The runtime view of one database's TVIEWs: what the engine consults on every statement (pure).
+
+Built from catalog entries (``catalog.CatalogEntry``) and the primary keys of the base tables:
+which tables are tracked, how a write to each maps to TVIEW keys, the refresh order, and the
+SQL fragments the planner needs for unknown keys (``all_keys``) and aggregated children
+(``derived``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from tvproxy.tview.analyze import quote_ident as q
+from tvproxy.tview.analyze import refresh_order
+from tvproxy.tview.capture import TrackedTable
+from tvproxy.tview.catalog import CatalogEntry
+from tvproxy.tview.planner import TviewSpec
+
+
+@dataclass(frozen=True)
+class BaseTable:
+    name: str
+    schema: str
+    pk: str
+    pk_type: str
+    columns: tuple[str, ...]
+
+
+@dataclass
+class RuntimeCatalog:
+    entries: dict[str, CatalogEntry] = field(default_factory=dict)
+    specs: dict[str, TviewSpec] = field(default_factory=dict)
+    order: list[str] = field(default_factory=list)
+    tracked: tuple[TrackedTable, ...] = ()
+    table_names: frozenset[str] = frozenset()
+    tv_tables: dict[str, str] = field(default_factory=dict)  # tv_ table name -> entity
+    key_types: dict[str, str] = field(default_factory=dict)
+    all_keys: dict[str, str] = field(default_factory=dict)
+    derived: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    # base entity -> TVIEW entities aggregating it (their keys need the child's old fk values)
+    aggregated_into: dict[str, list[str]] = field(default_factory=dict)
+    full_on: dict[str, list[str]] = field(default_factory=dict)  # base entity -> full TVIEWs
+
+    @property
+    def empty(self) -> bool:
+        return not self.entries
+
+
+def build_runtime(entries: Sequence[CatalogEntry], tables: Mapping[str, BaseTable],
+                  schema: str = "public") -> RuntimeCatalog:
+    cat = RuntimeCatalog()
+    cat.entries = {e.entity: e for e in entries}
+    depends = {e.entity: {d for d in e.depends_on if d in cat.entries} for e in entries}
+    cat.order = refresh_order(depends)
+    tracked: dict[str, TrackedTable] = {}
+
+    def track(table: str) -> str | None:
+        base = tables.get(table)
+        if base is None:
+            return None
+        entity = table[3:] if table.startswith("tb_") else table
+        if table not in tracked:
+            keycols = frozenset(c for c in base.columns if c.startswith(("pk_", "fk_")))
+            tracked[table] = TrackedTable(table, entity, base.pk, keycols | {base.pk},
+                                          base.schema)
+            cat.key_types[entity] = base.pk_type
+            cat.all_keys.setdefault(entity, f"SELECT {q(base.pk)} FROM "
+                                            f"{q(base.schema)}.{q(table)}")
+        return entity
+
+    for entry in entries:
+        mapping = entry.key_mapping
+        columns = tuple(mapping.get("columns", ()))
+        embeds: list[tuple[str, str]] = []
+        for rule in mapping.get("rules", ()):
+            entity = track(rule["table"])
+            if entity is None:
+                continue
+            kind = rule["rule"]
+            if kind == "embedding" and (rule["column"], entity) not in embeds:
+                embeds.append((rule["column"], entity))
+            elif kind == "aggregation":
+                child = tables[rule["table"]]
+                cat.derived.setdefault(entry.entity, []).append(
+                    (entity, f"SELECT {q(rule['column'])} FROM {q(child.schema)}.{q(child.name)}"
+                             f" WHERE {q(child.pk)} IN ({{keys}})"))
+                cat.aggregated_into.setdefault(entity, []).append(entry.entity)
+            elif kind == "transitive" and rule.get("via") in cat.entries:
+                fk = f"fk_{rule['via']}"
+                if (fk, rule["via"]) not in embeds:
+                    embeds.append((fk, rule["via"]))
+        for table in mapping.get("unmapped", ()):
+            entity = track(table)
+            if entity is not None:
+                cat.full_on.setdefault(entity, []).append(entry.entity)
+        if entry.strategy == "full":
+            cat.full_on.setdefault(entry.entity, []).append(entry.entity)
+        for dep in entry.depends_on:
+            fk = f"fk_{dep}"
+            if dep in cat.entries and fk in columns and (fk, dep) not in embeds:
+                embeds.append((fk, dep))
+        spec = TviewSpec(entry.entity, entry.table_name, entry.view_name, entry.pk_column,
+                         entry.pk_type, columns, tuple(embeds), mapping.get("schema", schema))
+        cat.specs[entry.entity] = spec
+        cat.key_types[entry.entity] = entry.pk_type
+        tv = f"{q(spec.schema)}.{q(spec.table)}"
+        view = f"{q(spec.schema)}.{q(spec.view)}"
+        cat.all_keys[entry.entity] = (f"SELECT {q(spec.pk)} FROM {view} UNION "
+                                      f"SELECT {q(spec.pk)} FROM {tv}")
+        cat.tv_tables[entry.table_name] = entry.entity
+    cat.tracked = tuple(tracked.values())
+    cat.table_names = frozenset(tracked)
+    return cat
