@@ -17,6 +17,7 @@ from tvproxy.pool.pool import Pool
 from tvproxy.session.client import ClientSession
 from tvproxy.session.prepared import PreparedRegistry
 from tvproxy.stats import Stats
+from tvproxy.tview.engine import TviewEngine
 
 log = get_logger("tvproxy.server")
 
@@ -29,6 +30,7 @@ class ProxyServer:
         self.clients: set[ClientSession] = set()
         self.cancel_keys: dict[tuple[int, int], ClientSession] = {}
         self.prepared = PreparedRegistry()
+        self.tviews: TviewEngine | None = TviewEngine(self) if cfg.tview.enabled else None
         self.userlist: dict[str, str] = self._load_userlist(cfg)
         self.paused_dbs: set[str] = set()
         self.disabled_dbs: set[str] = set()
@@ -82,6 +84,8 @@ class ProxyServer:
                 if sock.family in (socket.AF_INET, socket.AF_INET6):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._janitor = loop.create_task(self._janitor_loop())
+        if self.tviews is not None:
+            await self.tviews.start()
         log.info("listening", addr=p.listen_addr, port=p.listen_port, pool_mode=p.pool_mode,
                  databases=sorted(self.cfg.databases))
 

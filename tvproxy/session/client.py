@@ -41,6 +41,7 @@ EXP_EXT = 2        # extended request: forward up to its terminal reply
 EXP_SYNC = 3       # Sync: forward ReadyForQuery
 EXP_SKIP1 = 4      # proxy's own Close: swallow its terminal reply
 EXP_PARAMS = 5     # proxy's SET re-applying client settings: swallow, hold the client meanwhile
+EXP_INJECT = 6     # the TVIEW engine's own batch: swallowed, rows and first error to the engine
 FAKE = 10          # (FAKE, bytes): reply made by the proxy, emitted when it reaches the head
 PARSE_NEW = 11     # (PARSE_NEW, stmt, skip, client name): Parse new to this server
 
@@ -84,6 +85,10 @@ class ClientSession(asyncio.Protocol):
         self.admin = None
         self.stats = None
         self.tview: TransactionHooks | None = None  # the TVIEW engine's seam (session/hooks.py)
+        self.tv_hold = False  # input held while the proxy closes a transaction it opened
+        self.tv_deferred = False  # the client's ReadyForQuery waits for the injected COMMIT
+        self.inject_rows: list = []
+        self.inject_error: bytes | None = None
         self._startup = bytearray()
         self._paused_server: ServerConnection | None = None
         self._input_paused = False
@@ -245,6 +250,10 @@ class ClientSession(asyncio.Protocol):
         else:
             self.pool = self.proxy.get_pool(self.database, self.user)
             self.stats = self.pool.stats
+            if self.proxy.tviews is not None:
+                from tvproxy.tview.engine import TviewSession
+
+                self.tview = TviewSession(self.proxy.tviews, self)
             welcome = dict(await self.pool.get_welcome())
             for key in welcome:
                 if key in self.params:
@@ -303,13 +312,34 @@ class ClientSession(asyncio.Protocol):
                         break
                     buf = framer.buffer
                 if mtype == 0x51:  # Query
-                    if self.tview is not None:
-                        run = self._hook_statement(out, buf, run, start, D.query_text(buf[start + 5:end]))
+                    tv = self.tview
+                    if tv is not None and tv.ddl(self, D.query_text(buf[start + 5:end])):
+                        self._flush_run(out, buf, run, start)
+                        self.framer.unread(end)
+                        self.holding = True
+                        if out:
+                            server.write(b"".join(out))
+                        return
+                    if tv is not None:
+                        run = self._inject(out, buf, run, start, tv.query(
+                            self, D.query_text(buf[start + 5:end])))
                     expect.append(EXP_QUERY)
+                    if tv is not None and tv.wrapped:
+                        self._hold_after(out, buf, run, start, end)
+                        return
                 elif mtype == 0x53:  # Sync
                     expect.append(EXP_SYNC)
                     self.batch = 0
+                    tv = self.tview
+                    if tv is not None and tv.wrapped:
+                        self._hold_after(out, buf, run, start, end)
+                        return
                 elif mtype == 0x42:  # Bind
+                    if self.tview is not None:
+                        body = bytes(buf[start + 5:end])
+                        _portal, sname, bpos = D.bind_names(body)
+                        run = self._inject(out, buf, run, start,
+                                           self.tview.bind(self, sname, body, bpos))
                     self.batch = 2
                     self.flush_release = False
                     if buf[buf.find(b"\x00", start + 5, end) + 1] != 0 and self.prepared_mapping:
@@ -327,12 +357,12 @@ class ClientSession(asyncio.Protocol):
                     self.flush_release = False
                     if self.tview is not None:
                         name, sql, _ = D.parse_message(bytes(buf[start + 5:end]))
-                        run = self._hook_statement(out, buf, run, start, sql)
+                        run = self._inject(out, buf, run, start, self.tview.parse(self, name, sql))
                     expect.append(EXP_EXT)
                 elif mtype == 0x50:  # named Parse
                     if self.tview is not None:
                         name, sql, _ = D.parse_message(bytes(buf[start + 5:end]))
-                        run = self._hook_statement(out, buf, run, start, sql)
+                        run = self._inject(out, buf, run, start, self.tview.parse(self, name, sql))
                     self.flush_release = False
                     if self.prepared_mapping:
                         self.batch |= 1
@@ -382,16 +412,38 @@ class ClientSession(asyncio.Protocol):
         if out and server is not None:
             server.write(out[0] if len(out) == 1 else b"".join(out))
 
-    def _hook_statement(self, out: list[bytes], buf: bytes | bytearray, run: int, start: int,
-                        text: bytes) -> int:
-        """Let the TVIEW engine see a statement; run what it asks for first (replies swallowed)."""
-        pre = self.tview.statement(self, text)  # type: ignore[union-attr]
+    def _inject(self, out: list[bytes], buf: bytes | bytearray, run: int, start: int,
+                pre: list[bytes] | None) -> int:
+        """Send what the TVIEW engine asks for before this message (each batch ends in one
+        ReadyForQuery; its replies go to the engine, not the client)."""
         if not pre:
             return run
         run = self._flush_run(out, buf, run, start)
-        out.append(B.query(pre))
-        self.expect.append(EXP_SKIPQ)
+        for batch in pre:
+            out.append(batch)
+            self.expect.append(EXP_INJECT)
         return run
+
+    def ddl_done(self, replies: bytes) -> None:
+        """The engine ran TVIEW DDL for this client: answer it, free the server, go on."""
+        self.write(replies)
+        self.holding = False
+        if not self.expect and self.server is not None and self.pool.pool_mode != "session":
+            self._release_server()
+        self._process_client()
+
+    def _hold_after(self, out: list[bytes], buf: bytes | bytearray, run: int, start: int,
+                    end: int) -> None:
+        """Forward up to this message, then hold the client's input: the transaction the proxy
+        opened is closed at its ReadyForQuery before anything else runs."""
+        self.framer.unread(end)
+        if run < 0:
+            run = start
+        out.append(bytes(buf[run:end]))
+        self.holding = True
+        self.tv_hold = True
+        if self.server is not None:
+            self.server.write(b"".join(out))
 
     @staticmethod
     def _flush_run(out: list[bytes], buf: bytes | bytearray, run: int, start: int) -> int:
@@ -587,6 +639,15 @@ class ClientSession(asyncio.Protocol):
             buf = framer.buffer
             for mtype, start, end in framer.scan():
                 head = expect[0] if expect else EXP_QUERY
+                if head == EXP_INJECT or self.inject_error is not None:
+                    run = self._flush_run(out, buf, run, start)
+                    done = self._injected_reply(server, head, mtype, buf, start, end, out)
+                    if done == 0:
+                        continue
+                    if done == 2:
+                        release = True
+                    resume = True
+                    continue
                 if mtype == 0x5A:  # ReadyForQuery
                     status = buf[start + 5:start + 6]
                     server.status = status
@@ -609,8 +670,19 @@ class ClientSession(asyncio.Protocol):
                             release = True
                         self._emit_fakes(out)
                         continue
-                    if self.tview is not None:
-                        self.tview.transaction_ended(self, status)
+                    if self.tview is not None and not expect:
+                        pre = self.tview.ready(self, status)
+                        if pre:
+                            run = self._flush_run(out, buf, run, start)
+                            for batch in pre:
+                                server.write(batch)
+                                expect.append(EXP_INJECT)
+                            self.tv_deferred = True
+                            continue
+                        if self.tv_hold:
+                            self.tv_hold = False
+                            self.holding = False
+                            resume = True
                     if expect:
                         if type(expect[0]) is tuple:  # replies made up by the proxy come next
                             run = self._flush_run(out, buf, start if run < 0 else run, end)
@@ -679,7 +751,7 @@ class ClientSession(asyncio.Protocol):
             self.write(out[0] if len(out) == 1 else b"".join(out))
         if release:
             self._release_server()
-            if self.framer.pending():
+            if self.framer.pending() and not self.holding:
                 self._process_client()
         elif resume:
             if self.param_error is not None:
@@ -689,6 +761,70 @@ class ClientSession(asyncio.Protocol):
                 self.fatal(err.get("C", "22023"), err.get("M", "invalid startup parameter"))
                 return
             self._process_client()
+
+    def _injected_reply(self, server: ServerConnection, head: object, mtype: int,
+                        buf: bytes | bytearray, start: int, end: int, out: list[bytes]) -> int:
+        """A reply to the engine's batch, or to the client's request after a batch failed (the
+        batch's error then stands in for the request's outcome).  0: swallowed; 1: the client
+        may go on; 2: the server is free."""
+        expect = self.expect
+        if head == EXP_INJECT:
+            if mtype == 0x44:  # DataRow
+                self.inject_rows.append(D.data_row(bytes(buf[start + 5:end])))
+            elif mtype == 0x45 and self.inject_error is None:
+                self.inject_error = bytes(buf[start:end])
+            elif mtype == 0x53:
+                self._parameter_status(server, bytes(buf[start + 5:end]))
+                out.append(bytes(buf[start:end]))
+            elif mtype == 0x4E:  # NoticeResponse: the client sees the engine's warnings
+                out.append(bytes(buf[start:end]))
+            if mtype != 0x5A:
+                return 0
+            status = buf[start + 5:start + 6]
+            server.status = status
+            expect.popleft()
+            error = self.inject_error
+            if self.tview is not None:
+                fields = D.error_fields(error[5:]) if error is not None else None
+                self.tview.injected(self.inject_rows, fields)  # type: ignore[attr-defined]
+            self.inject_rows = []
+            if expect and expect[0] == EXP_INJECT:
+                return 0
+            if self.tv_deferred and not expect:
+                # the transaction the proxy opened is closed: now the client's ReadyForQuery
+                self.tv_deferred = False
+                if error is not None:
+                    out.append(error)
+                    self.inject_error = None
+                out.append(B.ready_for_query(status))
+                self.tv_hold = False
+                self.holding = False
+                if status == b"I" and self.pool.pool_mode != "session":
+                    return 2
+                return 1
+            return 0
+        # the client's own request after a failed batch: its replies give way to the error
+        if mtype == 0x5A:
+            status = buf[start + 5:start + 6]
+            server.status = status
+            while expect and expect[0] != EXP_QUERY and expect[0] != EXP_SYNC:
+                self._drop_head(error=True)
+            if expect:
+                expect.popleft()
+            out.append(self.inject_error)  # type: ignore[arg-type]
+            self.inject_error = None
+            if self.tview is not None and not expect:
+                self.tview.ready(self, status)
+            out.append(B.ready_for_query(status))
+            if self.tv_hold:
+                self.tv_hold = False
+                self.holding = False
+            if not expect and status == b"I" and self.pool.pool_mode != "session":
+                return 2
+            return 1
+        if mtype in TERMINALS and expect and expect[0] != EXP_QUERY and expect[0] != EXP_SYNC:
+            self._drop_head(error=True)
+        return 0
 
     def _drop_head(self, error: bool = False) -> None:
         head = self.expect.popleft()
