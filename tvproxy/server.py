@@ -85,7 +85,8 @@ class ProxyServer:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._janitor = loop.create_task(self._janitor_loop())
         if self.tviews is not None:
-            await self.tviews.start()
+            # in the background: signals and clients are served while catalogs load
+            self._tview_start = loop.create_task(self.tviews.start())
         log.info("listening", addr=p.listen_addr, port=p.listen_port, pool_mode=p.pool_mode,
                  databases=sorted(self.cfg.databases))
 

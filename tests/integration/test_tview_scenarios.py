@@ -51,7 +51,11 @@ def fixture_f(pg: Any, proxy: Any) -> Any:
     with psycopg.connect(proxy.dsn("app"), autocommit=True) as c:
         for ddl in TVIEWS:
             c.execute(ddl)
-    return proxy
+    yield proxy
+    proxy.stop()
+    with psycopg.connect(pg.dsn("app"), autocommit=True) as c:
+        c.execute(FIXTURE)  # and no catalog left behind for other tests
+        c.execute("DROP SCHEMA IF EXISTS tvproxy CASCADE")
 
 
 def drift(pg: Any) -> dict[str, int]:
@@ -133,3 +137,27 @@ def test_refresh_failure_fails_commit(pg: Any, fixture_f: Any) -> None:
         with pytest.raises(psycopg.errors.DivisionByZero):
             c.execute("INSERT INTO tb_div VALUES (3, DEFAULT, 0)")
         assert c.execute("SELECT 1").fetchone()[0] == 1
+
+
+def stats(proxy: Any) -> dict[str, tuple[int, ...]]:
+    with psycopg.connect(proxy.dsn("pgbouncer"), autocommit=True) as c:
+        cur = c.execute("SHOW TVIEW STATS")
+        names = [d.name for d in cur.description]
+        rows = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+    return {r["tview"]: (r["refresh_statements"], r["keys_enqueued"]) for r in rows
+            if r["database"] == "app"}
+
+
+@pytest.mark.parametrize("prepared", [False, True])
+def test_child_delete_and_move_refresh_only_their_parents(pg: Any, fixture_f: Any,
+                                                          prepared: bool) -> None:
+    with psycopg.connect(fixture_f.dsn("app"), autocommit=True, prepare_threshold=0 if prepared
+                         else None) as c:
+        c.execute("UPDATE tb_comment SET fk_post = %s WHERE pk_comment = %s", (2, 1))
+        oracle(pg)
+        c.execute("DELETE FROM tb_comment WHERE pk_comment = %s", (2,))
+        oracle(pg)
+        row = c.execute("SELECT data->'comments' FROM tv_post WHERE pk_post = 1").fetchone()
+        assert row[0] == []
+        c.execute("DELETE FROM tb_comment WHERE pk_comment = 1")
+        oracle(pg)

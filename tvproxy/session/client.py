@@ -11,6 +11,7 @@ replies it makes up (ParseComplete/CloseComplete the client expects but the serv
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import secrets
 import time
@@ -252,6 +253,11 @@ class ClientSession(asyncio.Protocol):
             self.stats = self.pool.stats
             if self.proxy.tviews is not None:
                 from tvproxy.tview.engine import TviewSession
+
+                engine = self.proxy.tviews
+                if not engine.loaded.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(engine.loaded.wait(), engine.load_timeout)
 
                 self.tview = TviewSession(self.proxy.tviews, self)
             welcome = dict(await self.pool.get_welcome())

@@ -97,10 +97,12 @@ class TviewEngine:
     def __init__(self, proxy: Any) -> None:
         self.proxy = proxy
         self.catalogs: dict[str, RuntimeCatalog] = {}
+        self.load_timeout = 10.0
         self.stats: dict[tuple[str, str], EntityStats] = {}
         self.commits = 0
         self.commit_overhead_us = 0
         self._listeners: dict[str, Any] = {}
+        self.loaded = asyncio.Event()  # clients log in once catalogs are known (no blind writes)
 
     @property
     def cfg(self) -> Any:
@@ -111,19 +113,29 @@ class TviewEngine:
 
         db = self.proxy.cfg.databases[database]
         return await asyncpg.connect(host=db.host, port=db.port, user=db.user or "postgres",
-                                     password=db.password or None,
+                                     password=db.password or None, timeout=5,
                                      database=db.dbname or database)
 
     async def start(self) -> None:
         for name in list(self.proxy.cfg.databases):
             await self.reload(name)
-            try:
-                conn = await self._connect(name)
-                await conn.add_listener(f"{self.cfg.schema}_catalog",
-                                        lambda *_a, db=name: asyncio.ensure_future(self.reload(db)))
-                self._listeners[name] = conn
-            except Exception as exc:  # noqa: BLE001 - a database may be down at start
-                log.warning("tview catalog listener failed", database=name, error=str(exc))
+        self.loaded.set()
+
+    async def _listen(self, database: str) -> None:
+        """Follow catalog changes of other instances (only where TVIEWs exist: a database
+        without them costs no backend)."""
+        if database in self._listeners:
+            return
+        self._listeners[database] = None
+        try:
+            conn = await self._connect(database)
+            await conn.add_listener(
+                f"{self.cfg.schema}_catalog",
+                lambda *_a, db=database: asyncio.ensure_future(self.reload(db)))
+            self._listeners[database] = conn
+        except Exception as exc:  # noqa: BLE001 - a database may be down
+            del self._listeners[database]
+            log.warning("tview catalog listener failed", database=database, error=str(exc))
 
     async def reload(self, database: str) -> None:
         from tvproxy.tview.ddl import load_runtime
@@ -131,15 +143,18 @@ class TviewEngine:
         try:
             conn = await self._connect(database)
             try:
-                self.catalogs[database] = await load_runtime(conn, self.cfg.schema)
+                self.catalogs[database] = cat = await load_runtime(conn, self.cfg.schema)
             finally:
                 await conn.close()
+            if not cat.empty:
+                await self._listen(database)
         except Exception as exc:  # noqa: BLE001 - keep the old catalog, say why
             log.warning("tview catalog load failed", database=database, error=str(exc))
 
     async def close(self) -> None:
         for conn in self._listeners.values():
-            await conn.close()
+            if conn is not None:
+                await conn.close()
 
     def catalog(self, database: str) -> RuntimeCatalog:
         return self.catalogs.get(database, EMPTY)
@@ -167,14 +182,19 @@ class TviewSession:
 
     # --- recording keys --------------------------------------------------------------------
 
-    def _touch(self, cat: RuntimeCatalog, w: WriteCapture, keys: list[Hashable] | None) -> None:
+    def _touch(self, cat: RuntimeCatalog, w: WriteCapture, keys: list[Hashable] | None,
+               pre: list[tuple[bytes, object]]) -> None:
         tracker = self.tracker
         tracker.touch(w.entity, keys if keys is not None else [ALL_KEYS])
-        old_values_lost = keys is None or w.op != "insert" and (
-            w.op != "update" or w.assigns_key_columns)
-        for parent in cat.aggregated_into.get(w.entity, ()):
-            if old_values_lost:
-                tracker.touch(parent, [ALL_KEYS])
+        old_values_needed = w.op != "insert" and (w.op != "update" or w.assigns_key_columns)
+        parents = cat.aggregated_into.get(w.entity, ())
+        if parents and old_values_needed:
+            if keys is None:
+                for parent in parents:
+                    tracker.touch(parent, [ALL_KEYS])
+            else:  # the children's parents before the statement changes them
+                for parent, sql in cat.preimage.get(w.entity, ()):
+                    pre.append((_preimage_batch(sql, keys), parent))
         for e in cat.full_on.get(w.entity, ()):
             tracker.touch(e, [ALL_KEYS])
         if w.op == "update" and w.assigns_key_columns and keys is not None:
@@ -188,12 +208,19 @@ class TviewSession:
         if not self.started:
             self.started = time.monotonic()
 
-    def _wrap(self, pre: list[bytes]) -> None:
+    def _wrap(self, pre: list[tuple[bytes, object]]) -> None:
         if not self.in_block and not self.wrapped:
             self.wrapped = True
-            pre.insert(0, B.query("BEGIN"))
+            pre.insert(0, (B.query("BEGIN"), None))
 
-    def _tx_commands(self, sql: str, pre: list[bytes], cat: RuntimeCatalog) -> None:
+    def _send(self, pre: list[tuple[bytes, object]]) -> list[bytes] | None:
+        """Batches to run, in order; what each one is for waits in ``inflight``."""
+        if not pre:
+            return None
+        self.inflight.extend(meta for _, meta in pre)
+        return [batch for batch, _ in pre]
+
+    def _tx_commands(self, sql: str, pre: list[tuple[bytes, object]], cat: RuntimeCatalog) -> None:
         for cmd in classify(sql):
             if cmd is None:
                 continue
@@ -203,7 +230,7 @@ class TviewSession:
             elif kind in (TxKind.COMMIT, TxKind.COMMIT_AND_CHAIN, TxKind.PREPARE):
                 plan = self._plan(cat, self.tracker.take())
                 if plan is not None:
-                    pre.append(plan_messages(plan) + B.SYNC)
+                    pre.append((plan_messages(plan) + B.SYNC, (plan, time.monotonic(), False)))
                 self.tracker.reset()
                 self.started = 0.0
                 self.in_block = kind is TxKind.COMMIT_AND_CHAIN
@@ -217,7 +244,8 @@ class TviewSession:
             elif kind is TxKind.ROLLBACK_TO and cmd.name:
                 self.tracker.rollback_to(cmd.name)
 
-    def _read_your_writes(self, sql: str, pre: list[bytes], cat: RuntimeCatalog) -> None:
+    def _read_your_writes(self, sql: str, pre: list[tuple[bytes, object]],
+                          cat: RuntimeCatalog) -> None:
         if not self.engine.cfg.read_your_writes or not self.in_block and not self.wrapped:
             return
         low = sql.lower()
@@ -226,9 +254,9 @@ class TviewSession:
         pending = self.tracker.pending()
         if not pending:
             return
-        plan = self._plan(cat, pending, flush=True)
+        plan = self._plan(cat, pending)
         if plan is not None:
-            pre.append(plan_messages(plan) + B.SYNC)
+            pre.append((plan_messages(plan) + B.SYNC, (plan, time.monotonic(), True)))
 
     def query(self, client: ClientSession, text: bytes) -> list[bytes] | None:
         """A simple Query: returns the messages to run first (each ending in one
@@ -237,7 +265,7 @@ class TviewSession:
         if cat.empty:
             return None
         sql = text.decode("utf-8", "replace")
-        pre: list[bytes] = []
+        pre: list[tuple[bytes, object]] = []
         self._read_your_writes(sql, pre, cat)
         self._tx_commands(sql, pre, cat)
         try:
@@ -247,17 +275,17 @@ class TviewSession:
         for w in writes:
             keys = None if w.keys is None or any(k.param is not None for k in w.keys) else [
                 k.value for k in w.keys]
-            self._touch(cat, w, keys)
+            self._touch(cat, w, keys, pre)
         if writes:
             self._wrap(pre)
-        return pre or None
+        return self._send(pre)
 
     def parse(self, client: ClientSession, name: bytes, text: bytes) -> list[bytes] | None:
         cat = self.engine.catalog(client.database)
         if cat.empty:
             return None
         sql = text.decode("utf-8", "replace")
-        pre: list[bytes] = []
+        pre: list[tuple[bytes, object]] = []
         self._read_your_writes(sql, pre, cat)
         self._tx_commands(sql, pre, cat)
         try:
@@ -269,7 +297,7 @@ class TviewSession:
             self._wrap(pre)  # before the Parse: a Query in between would drop an unnamed one
         else:
             self.stmts.pop(name, None)
-        return pre or None
+        return self._send(pre)
 
     def bind(self, client: ClientSession, name: bytes, body: bytes, pos: int) -> list[bytes] | None:
         writes = self.stmts.get(name)
@@ -280,6 +308,7 @@ class TviewSession:
             formats, values = D.bind_params(body, pos)
         except Exception:  # noqa: BLE001 - the server rejects a malformed Bind itself
             formats, values = [], []
+        pre: list[tuple[bytes, object]] = []
         for w in writes:
             keys: list[Hashable] | None = [] if w.keys is not None else None
             pk_type = cat.key_types.get(w.entity, "text")
@@ -297,11 +326,10 @@ class TviewSession:
                     keys = None
                     break
                 keys.append(key)  # type: ignore[union-attr]
-            self._touch(cat, w, keys)
-        pre: list[bytes] = []
+            self._touch(cat, w, keys, pre)
         if name:
             self._wrap(pre)
-        return pre or None
+        return self._send(pre)
 
     # --- DDL --------------------------------------------------------------------------------
 
@@ -356,8 +384,7 @@ class TviewSession:
 
     # --- ends of transactions --------------------------------------------------------------
 
-    def _plan(self, cat: RuntimeCatalog, keys: dict[str, set[Hashable]],
-              flush: bool = False) -> RefreshPlan | None:
+    def _plan(self, cat: RuntimeCatalog, keys: dict[str, set[Hashable]]) -> RefreshPlan | None:
         if not keys:
             return None
         cfg = self.engine.cfg
@@ -369,7 +396,6 @@ class TviewSession:
                                     f"'{exc.sqlstate}', MESSAGE = "
                                     f"{_sql_literal(exc.message)}; END$$",), ((),))
         if plan is not None:
-            self.inflight.append((plan, time.monotonic(), flush))
             st = self.engine.stat(self.client.database, "*")
             st.keys_enqueued += sum(len(v) for v in keys.values())
         return plan
@@ -384,10 +410,13 @@ class TviewSession:
                 plan = self._plan(cat, self.tracker.take())
                 self.tracker.reset()
                 self.started = 0.0
-                out = [plan_messages(plan) + B.SYNC] if plan is not None else []
-                return [*out, B.query("COMMIT")]
+                pre: list[tuple[bytes, object]] = []
+                if plan is not None:
+                    pre.append((plan_messages(plan) + B.SYNC, (plan, time.monotonic(), False)))
+                pre.append((B.query("COMMIT"), None))
+                return self._send(pre)
             self.tracker.reset()
-            return [B.query("ROLLBACK")]
+            return self._send([(B.query("ROLLBACK"), None)])
         if status == b"I":
             self.in_block = False
             self.tracker.reset()
@@ -400,7 +429,18 @@ class TviewSession:
         """Replies of an injected batch: refresh counts for the statistics."""
         if not self.inflight:
             return
-        plan, started, flush = self.inflight.pop(0)
+        meta = self.inflight.pop(0)
+        if isinstance(meta, str):  # a pre-image: the parents of the children written next
+            if error is None:
+                integer = self.engine.catalog(self.client.database).key_types.get(meta) in (
+                    "bigint", "integer", "smallint")
+                vals = [r[0].decode() for r in rows if r and r[0] is not None]
+                self.tracker.touch(meta, [int(v) for v in vals] if integer else vals)
+                self.tracker.statement_succeeded()
+            return
+        if meta is None:
+            return
+        plan, started, flush = meta  # type: ignore[misc]
         if not plan.entities:
             return
         db = self.client.database
@@ -439,6 +479,15 @@ class TviewSession:
 
     def transaction_ended(self, client: ClientSession, status: bytes) -> None:
         self.ready(client, status)
+
+
+def _preimage_batch(sql: str, keys: list[Hashable]) -> bytes:
+    """A SELECT of parent keys, on a named statement so a client's unnamed one survives."""
+    name = b"tvproxy_preimage"
+    val = _array_literal(list(keys))
+    return (B.parse(name, sql.encode()) + B.message(
+        b"B", b"\x00" + name + b"\x00" + pack("!HHi", 0, 1, len(val)) + val + b"\x00\x00")
+        + B.message(b"E", b"\x00\x00\x00\x00\x00") + B.close_statement(name) + B.SYNC)
 
 
 def _sql_literal(text: str) -> str:

@@ -41,6 +41,8 @@ class RuntimeCatalog:
     # base entity -> TVIEW entities aggregating it (their keys need the child's old fk values)
     aggregated_into: dict[str, list[str]] = field(default_factory=dict)
     full_on: dict[str, list[str]] = field(default_factory=dict)  # base entity -> full TVIEWs
+    # child entity -> (parent entity, SELECT of the parent keys of children $1) before a write
+    preimage: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
 
     @property
     def empty(self) -> bool:
@@ -86,6 +88,10 @@ def build_runtime(entries: Sequence[CatalogEntry], tables: Mapping[str, BaseTabl
                     (entity, f"SELECT {q(rule['column'])} FROM {q(child.schema)}.{q(child.name)}"
                              f" WHERE {q(child.pk)} IN ({{keys}})"))
                 cat.aggregated_into.setdefault(entity, []).append(entry.entity)
+                cat.preimage.setdefault(entity, []).append(
+                    (entry.entity, f"SELECT {q(rule['column'])}::text FROM "
+                                   f"{q(child.schema)}.{q(child.name)} WHERE {q(child.pk)} ="
+                                   f" ANY($1::{child.pk_type}[])"))
             elif kind == "transitive" and rule.get("via") in cat.entries:
                 fk = f"fk_{rule['via']}"
                 if (fk, rule["via"]) not in embeds:
