@@ -187,6 +187,30 @@ def test_demo_end_to_end() -> None:
             titles = {r[0] for r in conn.execute("SELECT title FROM tb_post")}
             assert "Hello, TVIEWs" in titles
             assert conn.execute("SELECT count(*) FROM tb_comment").fetchone()[0] == 3
+            # the demo TVIEWs exist and the proxy keeps tv_post fresh through v_user
+            assert conn.execute("SELECT count(*) FROM tv_post").fetchone()[0] == 3
+            conn.execute("UPDATE tb_user SET name = 'Alicia' WHERE email = 'alice@acme.example'")
+            conn.commit()
+            authors = conn.execute(
+                "SELECT data->'author'->>'name' FROM tv_post WHERE data->>'title' = 'Hello, TVIEWs'"
+            ).fetchone()
+            assert authors == ("Alicia",)
+            comments = conn.execute(
+                "SELECT jsonb_array_length(data->'comments') FROM tv_post"
+                " WHERE data->>'title' = 'Hello, TVIEWs'"
+            ).fetchone()
+            assert comments == (2,)
+            for tv, v in (
+                ("tv_company", "v_company"),
+                ("tv_user", "v_user"),
+                ("tv_post", "v_post"),
+            ):
+                drift = conn.execute(
+                    f"SELECT count(*) FROM ((TABLE {tv} EXCEPT TABLE {v})"
+                    f" UNION ALL (TABLE {v} EXCEPT TABLE {tv})) d"
+                ).fetchone()
+                assert drift == (0,), tv
+            conn.commit()
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
     finally:
@@ -196,6 +220,7 @@ def test_demo_end_to_end() -> None:
     assert proc.returncode == 0, err
     assert f'psql "host=127.0.0.1 port={port} dbname=app user=postgres"' in out
     assert "dbname=tvproxy" in out
+    assert "tv_post (3 rows" in out and "UPDATE tb_user" in out
     m = re.search(r"throwaway, (\S+)\)", out)
     assert m, out
     assert not Path(m.group(1)).exists(), "the demo cluster was not removed"
