@@ -161,3 +161,12 @@ def test_child_delete_and_move_refresh_only_their_parents(pg: Any, fixture_f: An
         assert row[0] == []
         c.execute("DELETE FROM tb_comment WHERE pk_comment = 1")
         oracle(pg)
+
+
+def test_copy_into_a_tracked_table(pg: Any, fixture_f: Any) -> None:
+    with psycopg.connect(fixture_f.dsn("app"), autocommit=True) as c:
+        with c.cursor().copy("COPY tb_post (pk_post, fk_user, title) FROM STDIN") as cp:
+            cp.write_row((20, 1, "copied"))
+            cp.write_row((21, 3, "copied too"))
+        oracle(pg)
+        assert c.execute("SELECT count(*) FROM tv_post WHERE pk_post >= 20").fetchone()[0] == 2

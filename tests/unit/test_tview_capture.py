@@ -72,3 +72,11 @@ def test_writable_ctes_merge_and_schemas() -> None:
                   "DELETE FROM tb_user WHERE pk_user = 2", TABLES)
     assert [(w.entity, w.keys) for w in got] == [("post", (KeyRef(value=1),)),
                                                  ("user", (KeyRef(value=2),))]
+
+
+def test_copy_from_and_truncate_are_writes_with_unknown_keys() -> None:
+    got = capture("COPY tb_post FROM STDIN", TABLES)
+    assert [(w.table, w.op, w.keys) for w in got] == [("tb_post", "copy", None)]
+    got = capture("TRUNCATE tb_post, tb_user CASCADE", TABLES)
+    assert [(w.table, w.op) for w in got] == [("tb_post", "truncate"), ("tb_user", "truncate")]
+    assert capture("COPY tb_post TO STDOUT", TABLES) == ()

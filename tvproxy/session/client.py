@@ -330,7 +330,7 @@ class ClientSession(asyncio.Protocol):
                         run = self._inject(out, buf, run, start, tv.query(
                             self, D.query_text(buf[start + 5:end])))
                     expect.append(EXP_QUERY)
-                    if tv is not None and tv.wrapped:
+                    if tv is not None and tv.wrapped and tv.hold:
                         self._hold_after(out, buf, run, start, end)
                         return
                 elif mtype == 0x53:  # Sync
@@ -684,6 +684,7 @@ class ClientSession(asyncio.Protocol):
                                 server.write(batch)
                                 expect.append(EXP_INJECT)
                             self.tv_deferred = True
+                            self.holding = self.tv_hold = True  # nothing runs before COMMIT
                             continue
                         if self.tv_hold:
                             self.tv_hold = False

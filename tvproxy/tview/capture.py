@@ -46,7 +46,7 @@ class KeyRef:
 class WriteCapture:
     table: str
     entity: str
-    op: str  # insert | update | delete | merge
+    op: str  # insert | update | delete | merge | copy | truncate
     keys: tuple[KeyRef, ...] | None  # None: not knowable from the text
     assigns_key_columns: bool
     has_returning: bool
@@ -132,6 +132,15 @@ def _capture_one(node: object, tables: Mapping[str, TrackedTable], out: list[Wri
         for cte in with_clause.ctes:
             _capture_one(cte.ctequery, tables, out)
     rel = getattr(node, "relation", None)
+    if isinstance(node, ast.CopyStmt | ast.TruncateStmt):  # opaque bulk writes: keys unknown
+        rels = [rel] if isinstance(node, ast.CopyStmt) and node.is_from else (
+            list(node.relations) if isinstance(node, ast.TruncateStmt) else [])
+        for r in rels:
+            table = tables.get(r.relname) if isinstance(r, ast.RangeVar) else None
+            if table is not None and (not r.schemaname or r.schemaname == table.schema):
+                op = "copy" if isinstance(node, ast.CopyStmt) else "truncate"
+                out.append(WriteCapture(table.name, table.entity, op, None, True, False))
+        return
     if not isinstance(node, ast.InsertStmt | ast.UpdateStmt | ast.DeleteStmt | ast.MergeStmt):
         return
     if not isinstance(rel, ast.RangeVar):

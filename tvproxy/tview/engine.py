@@ -176,6 +176,7 @@ class TviewSession:
         self.tracker = TransactionTracker()
         self.in_block = False
         self.wrapped = False
+        self.hold = True  # hold the client's input after a statement in a wrapped transaction
         self.stmts: dict[bytes, tuple[WriteCapture, ...]] = {}
         self.inflight: list[tuple[RefreshPlan, float, bool]] = []
         self.started = 0.0
@@ -272,6 +273,7 @@ class TviewSession:
             writes = capture(sql, cat.tracked)
         except pglast.parser.ParseError:
             writes = ()
+        self.hold = not any(w.op == "copy" for w in writes)  # COPY data must still flow
         for w in writes:
             keys = None if w.keys is None or any(k.param is not None for k in w.keys) else [
                 k.value for k in w.keys]
