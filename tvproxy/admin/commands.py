@@ -14,6 +14,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from tvproxy import __version__
@@ -599,20 +600,86 @@ def show_state(proxy: ProxyServer) -> list[tuple]:
     return [(k, "yes" if k == mode else "no") for k in ("active", "paused", "suspended")]
 
 
-def _tview_rows(proxy: ProxyServer, kind: str) -> list[tuple] | None:
-    """Rows from the TVIEW engine when one is attached (``proxy.tview.admin_rows(kind)``)."""
-    engine = getattr(proxy, "tview", None)
-    fn = getattr(engine, "admin_rows", None)
-    return None if fn is None else list(fn(kind))
+def _iso(value: datetime | float | None) -> str | None:
+    """A timestamp as ISO 8601 text (UTC for unix times); None (NULL) for never/unknown."""
+    if value is None or value == 0:
+        return None
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return datetime.fromtimestamp(value, UTC).isoformat()
 
 
-def show_tview(proxy: ProxyServer, subject: str) -> list[tuple]:
-    rows = _tview_rows(proxy, subject)
-    if rows is not None:
-        return rows
-    if subject == "tview stats":  # no engine yet: the totals row, all zeros
-        return [("*", "*", 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, None)]
-    return []
+def show_tviews(proxy: ProxyServer) -> list[tuple]:
+    """One row per TVIEW of every database's runtime catalog.  ``rows`` is NULL: the row count
+    of a tv_ table is not known without a query, and the console does no I/O."""
+    engine = proxy.tviews
+    if engine is None:
+        return []
+    rows = []
+    for dbname, cat in sorted(engine.catalogs.items()):
+        for entity, entry in sorted(cat.entries.items(), key=lambda kv: kv[1].table_name):
+            rows.append((
+                dbname, entry.table_name, entity, entry.pk_column, ",".join(entry.sources),
+                ",".join(entry.depends_on), entry.strategy, None, _iso(entry.created_at),
+            ))
+    return rows
+
+
+def _tview_stat_row(dbname: str, tview: str, st: Any) -> tuple:
+    avg = st.total_refresh_us // st.refresh_statements if st.refresh_statements else 0
+    return (
+        dbname, tview, st.commits, st.keys_enqueued, st.keys_coalesced, st.rows_refreshed,
+        st.rows_deleted, st.cascade_rows, st.full_refreshes, st.refresh_statements, st.errors,
+        st.total_refresh_us, avg, st.max_refresh_us, _iso(st.last_refresh_at),
+    )
+
+
+def show_tview_stats(proxy: ProxyServer) -> list[tuple]:
+    """Per (database, entity) counters, then the database's totals as tview='*'.  Every TVIEW
+    of the catalog has a row (zeros until it is first refreshed), and so has a dropped one
+    that still has counters."""
+    engine = proxy.tviews
+    if engine is None:
+        return []
+    from tvproxy.tview.engine import EntityStats
+
+    stats = dict(engine.stats)
+    dbs = {db for db, _ in stats} | {db for db, cat in engine.catalogs.items() if cat.entries}
+    rows = []
+    for dbname in sorted(dbs):
+        cat = engine.catalogs.get(dbname)
+        entries = cat.entries if cat is not None else {}
+        entities = set(entries) | {e for d, e in stats if d == dbname and e != "*"}
+        named = []
+        for entity in entities:
+            entry = entries.get(entity)
+            named.append((entry.table_name if entry is not None else f"tv_{entity}", entity))
+        for tview, entity in sorted(named):
+            rows.append(_tview_stat_row(dbname, tview, stats.get((dbname, entity), EntityStats())))
+        rows.append(_tview_stat_row(dbname, "*", stats.get((dbname, "*"), EntityStats())))
+    return rows
+
+
+def show_tview_queue(proxy: ProxyServer) -> list[tuple]:
+    """One row per client transaction and entity with pending keys; age in microseconds since
+    the transaction recorded its first key."""
+    engine = proxy.tviews
+    if engine is None:
+        return []
+    now = time.monotonic()
+    rows = []
+    for client in sorted(proxy.clients, key=lambda c: c.id):
+        tv = getattr(client, "tview", None)
+        tracker = getattr(tv, "tracker", None)
+        if tracker is None:
+            continue
+        pending = tracker.pending()
+        started = getattr(tv, "started", 0.0) or 0.0
+        age = max(int((now - started) * 1e6), 0) if started else 0
+        for entity, keys in sorted(pending.items()):
+            if keys:
+                rows.append((client.id, client.database, entity, len(keys), tracker.depth, age))
+    return rows
 
 
 def show(session: AdminSession, cmd: Command) -> Result:
@@ -640,6 +707,9 @@ def show(session: AdminSession, cmd: Command) -> Result:
         "lists": lambda: show_lists(proxy),
         "version": lambda: [(VERSION_STRING,)],
         "state": lambda: show_state(proxy),
+        "tviews": lambda: show_tviews(proxy),
+        "tview stats": lambda: show_tview_stats(proxy),
+        "tview queue": lambda: show_tview_queue(proxy),
     }
     if subject == "fds":  # it would hand out cancel keys: admin only, as PgBouncer
         session.require_admin()
@@ -647,9 +717,8 @@ def show(session: AdminSession, cmd: Command) -> Result:
     producer = producers.get(subject)
     if producer is not None:
         return Result("SHOW", columns, producer())
-    if subject.startswith("tview"):
-        return Result("SHOW", columns, show_tview(proxy, subject))
-    return Result("SHOW", columns, [])  # mem, dns_*, peers, peer_pools: nothing to report
+    # mem, dns_*, peers, peer_pools, tview pending (no 2PC queues yet): nothing to report
+    return Result("SHOW", columns, [])
 
 
 # --- control commands --------------------------------------------------------------------------
