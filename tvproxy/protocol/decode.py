@@ -189,10 +189,10 @@ def sasl_initial(body: bytes) -> tuple[str, bytes]:
     return mech.decode("ascii", "replace"), data
 
 
-def data_row(body: bytes) -> list[bytes | None]:
-    """DataRow body -> column values (None for NULL)."""
-    (n,) = unpack_from("!H", body, 0)
-    pos = 2
+def _values(body: bytes, pos: int) -> list[bytes | None]:
+    """A count (int16) then that many length-prefixed values (-1 = NULL), as in DataRow/Bind."""
+    (n,) = unpack_from("!H", body, pos)
+    pos += 2
     out: list[bytes | None] = []
     for _ in range(n):
         (size,) = unpack_from("!i", body, pos)
@@ -205,20 +205,13 @@ def data_row(body: bytes) -> list[bytes | None]:
     return out
 
 
+def data_row(body: bytes) -> list[bytes | None]:
+    """DataRow body -> column values (None for NULL)."""
+    return _values(body, 0)
+
+
 def bind_params(body: bytes, pos: int) -> tuple[list[int], list[bytes | None]]:
     """Bind body from just after the statement name -> (format codes, parameter values)."""
     (nfmt,) = unpack_from("!H", body, pos)
     formats = list(unpack_from(f"!{nfmt}H", body, pos + 2))
-    pos += 2 + 2 * nfmt
-    (nparams,) = unpack_from("!H", body, pos)
-    pos += 2
-    values: list[bytes | None] = []
-    for _ in range(nparams):
-        (size,) = unpack_from("!i", body, pos)
-        pos += 4
-        if size < 0:
-            values.append(None)
-        else:
-            values.append(bytes(body[pos:pos + size]))
-            pos += size
-    return formats, values
+    return formats, _values(body, pos + 2 + 2 * nfmt)

@@ -341,7 +341,7 @@ class ClientSession(asyncio.Protocol):
                         self._hold_after(out, buf, run, start, end)
                         return
                 elif mtype == 0x42:  # Bind
-                    if self.tview is not None:
+                    if self.tview is not None and self.tview.stmts:  # a tracked write prepared
                         body = bytes(buf[start + 5:end])
                         _portal, sname, bpos = D.bind_names(body)
                         run = self._inject(out, buf, run, start,
@@ -793,7 +793,7 @@ class ClientSession(asyncio.Protocol):
             error = self.inject_error
             if self.tview is not None:
                 fields = D.error_fields(error[5:]) if error is not None else None
-                self.tview.injected(self.inject_rows, fields)  # type: ignore[attr-defined]
+                self.tview.injected(self.inject_rows, fields)
             self.inject_rows = []
             if expect and expect[0] == EXP_INJECT:
                 return 0

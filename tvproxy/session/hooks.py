@@ -1,15 +1,19 @@
 """The seam where the TVIEW engine plugs into a client session.
 
 A session calls its ``tview`` hooks (when the engine is enabled; ``None`` otherwise, so the
-hot path pays one attribute test):
+hot path pays one attribute test).  Hooks that return batches (``list[bytes]``) ask the session
+to send them to the server first, each ending in exactly one ReadyForQuery; their replies go to
+``injected`` instead of the client, and a batch's error stands in for the outcome of the
+client's next request (a refresh that fails fails the COMMIT).
 
-- ``statement(session, text)`` for every Query text and named/unnamed Parse text the client sends,
-  before it is forwarded. It returns SQL the proxy must run first on the same server, in the
-  same transaction (the refresh plan before a COMMIT / PREPARE TRANSACTION), or ``None``.
-  The replies to that SQL are swallowed (the engine turns its failures into the COMMIT's error
-  by the SQL it writes, e.g. a plan that aborts the transaction).
-- ``transaction_ended(session, status)`` at each ReadyForQuery the client receives; status
-  ``b"I"`` means the transaction (explicit or implicit) is over.
+- ``query(session, text)`` for every simple Query, ``parse(session, name, text)`` for every
+  Parse, ``bind(session, name, body, pos)`` for a Bind of a statement that writes a tracked table.
+- ``ddl(session, text)``: True when the engine answers the Query itself (TVIEW DDL); it then
+  calls ``session.ddl_done(replies)``.
+- ``ready(session, status)`` at a client-bound ReadyForQuery with nothing outstanding: batches
+  returned close a transaction the proxy opened; the client's ReadyForQuery waits for them.
+- ``wrapped`` / ``hold``: the proxy opened the current transaction; hold the client's further
+  input until it is closed (not while COPY data must flow).
 """
 
 from __future__ import annotations
@@ -21,6 +25,19 @@ if TYPE_CHECKING:
 
 
 class TransactionHooks(Protocol):
-    def statement(self, session: ClientSession, text: bytes) -> str | None: ...
+    wrapped: bool
+    hold: bool
+    stmts: dict[bytes, object]
 
-    def transaction_ended(self, session: ClientSession, status: bytes) -> None: ...
+    def query(self, session: ClientSession, text: bytes) -> list[bytes] | None: ...
+
+    def parse(self, session: ClientSession, name: bytes, text: bytes) -> list[bytes] | None: ...
+
+    def bind(self, session: ClientSession, name: bytes, body: bytes,
+             pos: int) -> list[bytes] | None: ...
+
+    def ddl(self, session: ClientSession, text: bytes) -> bool: ...
+
+    def ready(self, session: ClientSession, status: bytes) -> list[bytes] | None: ...
+
+    def injected(self, rows: list[list[bytes | None]], error: dict[str, str] | None) -> None: ...

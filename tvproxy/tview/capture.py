@@ -50,6 +50,7 @@ class WriteCapture:
     keys: tuple[KeyRef, ...] | None  # None: not knowable from the text
     assigns_key_columns: bool
     has_returning: bool
+    assigns_pk: bool = False  # UPDATE SET pk_... (or ON CONFLICT DO UPDATE SET pk_...)
 
 
 def may_write(sql: str, table_names: frozenset[str]) -> bool:
@@ -160,7 +161,8 @@ def _capture_one(node: object, tables: Mapping[str, TrackedTable], out: list[Wri
     elif isinstance(node, ast.UpdateStmt):
         assigns = any(t.name in table.key_columns for t in node.targetList)
         keys = None if node.fromClause else _keys_from_where(node.whereClause, table.pk, aliases)
-        out.append(WriteCapture(table.name, table.entity, "update", keys, assigns, returning))
+        out.append(WriteCapture(table.name, table.entity, "update", keys, assigns, returning,
+                                any(t.name == table.pk for t in node.targetList)))
     elif isinstance(node, ast.DeleteStmt):
         keys = None if node.usingClause else _keys_from_where(node.whereClause, table.pk, aliases)
         out.append(WriteCapture(table.name, table.entity, "delete", keys, False, returning))

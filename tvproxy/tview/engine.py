@@ -198,11 +198,8 @@ class TviewSession:
                     pre.append((_preimage_batch(sql, keys), parent))
         for e in cat.full_on.get(w.entity, ()):
             tracker.touch(e, [ALL_KEYS])
-        if w.op == "update" and w.assigns_key_columns and keys is not None:
-            # a pk change: the new pk is not in the text
-            table = next(t for t in cat.tracked if t.name == w.table)
-            if table.pk in table.key_columns and w.assigns_key_columns:
-                tracker.touch(w.entity, [ALL_KEYS])
+        if w.assigns_pk and keys is not None:
+            tracker.touch(w.entity, [ALL_KEYS])  # the new pk is not in the statement
         # keys count from the moment the statement is sent: a statement that fails costs at
         # most a refresh that finds nothing changed
         tracker.statement_succeeded()
@@ -259,20 +256,25 @@ class TviewSession:
         if plan is not None:
             pre.append((plan_messages(plan) + B.SYNC, (plan, time.monotonic(), True)))
 
+    def _statement(self, sql: str, pre: list[tuple[bytes, object]],
+                   cat: RuntimeCatalog) -> tuple[WriteCapture, ...]:
+        """What every statement text goes through (Query or Parse): flush for reads of tv_
+        tables, transaction control, and the tracked writes it makes."""
+        self._read_your_writes(sql, pre, cat)
+        self._tx_commands(sql, pre, cat)
+        try:
+            return capture(sql, cat.tracked)
+        except pglast.parser.ParseError:
+            return ()
+
     def query(self, client: ClientSession, text: bytes) -> list[bytes] | None:
         """A simple Query: returns the messages to run first (each ending in one
         ReadyForQuery), or None."""
         cat = self.engine.catalog(client.database)
         if cat.empty:
             return None
-        sql = text.decode("utf-8", "replace")
         pre: list[tuple[bytes, object]] = []
-        self._read_your_writes(sql, pre, cat)
-        self._tx_commands(sql, pre, cat)
-        try:
-            writes = capture(sql, cat.tracked)
-        except pglast.parser.ParseError:
-            writes = ()
+        writes = self._statement(text.decode("utf-8", "replace"), pre, cat)
         self.hold = not any(w.op == "copy" for w in writes)  # COPY data must still flow
         for w in writes:
             keys = None if w.keys is None or any(k.param is not None for k in w.keys) else [
@@ -286,14 +288,8 @@ class TviewSession:
         cat = self.engine.catalog(client.database)
         if cat.empty:
             return None
-        sql = text.decode("utf-8", "replace")
         pre: list[tuple[bytes, object]] = []
-        self._read_your_writes(sql, pre, cat)
-        self._tx_commands(sql, pre, cat)
-        try:
-            writes = capture(sql, cat.tracked)
-        except pglast.parser.ParseError:
-            writes = ()
+        writes = self._statement(text.decode("utf-8", "replace"), pre, cat)
         if writes:
             self.stmts[name] = writes
             self._wrap(pre)  # before the Parse: a Query in between would drop an unnamed one
@@ -478,9 +474,6 @@ class TviewSession:
         log.info("tview refresh", client=self.client.id, database=db,
                  entities=list(plan.entities), keys=[int(c or 0) for c in counts],
                  statements=len(plan.statements), ms=round(elapsed / 1000, 3))
-
-    def transaction_ended(self, client: ClientSession, status: bytes) -> None:
-        self.ready(client, status)
 
 
 def _preimage_batch(sql: str, keys: list[Hashable]) -> bytes:
