@@ -91,6 +91,8 @@ class ClientSession(asyncio.Protocol):
         self.inject_rows: list = []
         self.inject_error: bytes | None = None
         self.inject_batch_error: bytes | None = None  # the error of the batch being read
+        self.inject_desc: bytes | None = None
+        self.inject_tag: bytes | None = None
         self._startup = bytearray()
         self._paused_server: ServerConnection | None = None
         self._input_paused = False
@@ -430,6 +432,15 @@ class ClientSession(asyncio.Protocol):
             out.append(batch)
             self.expect.append(EXP_INJECT)
         return run
+
+    def inject_now(self, batch: bytes) -> bool:
+        """Send the engine's batch on the linked server now (the client is held); its replies
+        go to the engine.  False when no server is linked."""
+        if self.server is None:
+            return False
+        self.server.write(batch)
+        self.expect.append(EXP_INJECT)
+        return True
 
     def ddl_done(self, replies: bytes) -> None:
         """The engine ran TVIEW DDL for this client: answer it, free the server, go on."""
@@ -786,6 +797,10 @@ class ClientSession(asyncio.Protocol):
         if head == EXP_INJECT:
             if mtype == 0x44:  # DataRow
                 self.inject_rows.append(D.data_row(bytes(buf[start + 5:end])))
+            elif mtype == 0x54:  # RowDescription, CommandComplete: for the engine's own talk
+                self.inject_desc = bytes(buf[start + 5:end])
+            elif mtype == 0x43:
+                self.inject_tag = D.command_tag(bytes(buf[start + 5:end]))
             elif mtype == 0x45 and self.inject_batch_error is None:
                 self.inject_batch_error = bytes(buf[start:end])
                 if self.inject_error is None:
@@ -808,6 +823,7 @@ class ClientSession(asyncio.Protocol):
                     self.inject_error = None  # the engine's own affair (an audit)
             error = self.inject_error
             self.inject_rows = []
+            self.inject_desc = self.inject_tag = None
             if expect and expect[0] == EXP_INJECT:
                 return 0
             if self.tv_deferred and not expect:

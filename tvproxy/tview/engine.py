@@ -10,6 +10,7 @@ plan + COMMIT in one round trip).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 import uuid
@@ -26,6 +27,7 @@ from tvproxy.protocol import decode as D
 from tvproxy.tview.analyze import CreateTview, DropTviews, TviewError, parse_tview_ddl
 from tvproxy.tview.analyze import quote_ident as q
 from tvproxy.tview.capture import WriteCapture, capture
+from tvproxy.tview.conversation import Reply, ServerConversation, ServerError, row_description
 from tvproxy.tview.model import RuntimeCatalog
 from tvproxy.tview.opaque import (
     baseline_sql,
@@ -121,6 +123,13 @@ class _Audit:
     tables: tuple[str, ...] = ()  # for a comparison: the tables, in the order sent
     close: bool = False
     txn: int = 0  # the client's transaction it belongs to
+
+
+@dataclass(frozen=True)
+class _Talk:
+    """A statement of the engine's conversation on the client's server (TVIEW DDL)."""
+
+    future: asyncio.Future[Reply]
 
 
 class TviewEngine:
@@ -490,36 +499,61 @@ class TviewSession:
         return True
 
     async def _run_ddl(self, client: ClientSession, stmt: CreateTview | DropTviews) -> None:
-        from tvproxy.tview.ddl import create_tview, drop_tviews
-
-        status = b"T" if self.in_block else b"I"
-        if self.in_block:
-            client.ddl_done(B.error_response(
-                "0A000", "TVIEW DDL cannot run inside a transaction block through tvproxy",
-                hint="run CREATE/DROP TABLE tv_... outside BEGIN/COMMIT") + B.ready_for_query(status))
-            return
+        """Outside a transaction block on a control connection (its own transaction, as
+        autocommit DDL is); inside one on the client's server, in the client's transaction."""
         engine = self.engine
-        cfg = engine.cfg
+        if self.in_block:
+            conn: Any = ServerConversation(lambda batch: self._talk(client, batch))
+            out, ok = await self._ddl_on(conn, stmt)
+            if ok:
+                self.reload_after = True  # seen by everyone once the client commits
+                status = b"T"
+            else:
+                status = b"E"
+                with contextlib.suppress(ServerError):  # abort it, as PostgreSQL's DDL would
+                    await conn.execute("DO $$BEGIN RAISE EXCEPTION 'tvproxy: TVIEW DDL "
+                                       "failed'; END$$")
+            client.ddl_done(out + B.ready_for_query(status))
+            return
         out = b""
         try:
             conn = await engine._connect(client.database)
+        except Exception as exc:  # noqa: BLE001 - the server's own error, as it said it
+            out = B.error_response(getattr(exc, "sqlstate", None) or "08006", str(exc))
+        else:
             try:
-                if isinstance(stmt, CreateTview):
-                    res = await create_tview(conn, stmt, cfg.schema, cfg.lock_namespace)
-                    out = b"".join(B.notice_response(w, "01000", "WARNING") for w in res.warnings)
-                    out += B.command_complete(f"SELECT {res.rows}")
-                else:
-                    await drop_tviews(conn, stmt, cfg.schema)
-                    out = B.command_complete("DROP TABLE")
+                out, ok = await self._ddl_on(conn, stmt)
             finally:
                 await conn.close()
-            await engine.reload(client.database)
+            if ok:
+                await engine.reload(client.database)
+        client.ddl_done(out + B.ready_for_query(b"I"))
+
+    async def _ddl_on(self, conn: Any, stmt: CreateTview | DropTviews) -> tuple[bytes, bool]:
+        from tvproxy.tview.ddl import create_tview, drop_tviews
+
+        cfg = self.engine.cfg
+        try:
+            if isinstance(stmt, CreateTview):
+                res = await create_tview(conn, stmt, cfg.schema, cfg.lock_namespace)
+                out = b"".join(B.notice_response(w, "01000", "WARNING") for w in res.warnings)
+                return out + B.command_complete(f"SELECT {res.rows}"), True
+            await drop_tviews(conn, stmt, cfg.schema)
+            return B.command_complete("DROP TABLE"), True
         except TviewError as exc:
-            out = B.error_response(exc.sqlstate, exc.message)
+            return B.error_response(exc.sqlstate, exc.message), False
         except Exception as exc:  # noqa: BLE001 - the server's own error, as it said it
             sqlstate = getattr(exc, "sqlstate", None) or "XX000"
-            out = B.error_response(sqlstate, str(exc))
-        client.ddl_done(out + B.ready_for_query(status))
+            return B.error_response(sqlstate, str(exc)), False
+
+    async def _talk(self, client: ClientSession, batch: bytes) -> Reply:
+        """One statement of the engine on the client's server (the client is held)."""
+        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self.inflight.append(_Talk(fut))
+        if not client.inject_now(batch):
+            self.inflight.pop()
+            raise ServerError({"C": "08006", "M": "tvproxy: no server linked"})
+        return await fut
 
     # --- ends of transactions --------------------------------------------------------------
 
@@ -610,6 +644,13 @@ class TviewSession:
         if not self.inflight:
             return False
         meta = self.inflight.pop(0)
+        if isinstance(meta, _Talk):
+            client = self.client
+            cols = row_description(client.inject_desc) if client.inject_desc else []
+            tag = client.inject_tag.decode() if client.inject_tag else ""
+            if not meta.future.done():
+                meta.future.set_result(Reply(cols, rows, tag, error))
+            return True  # the conversation reports its errors itself
         if isinstance(meta, _Audit):
             if meta.close:
                 self.audits_inflight -= 1
