@@ -38,6 +38,7 @@ from tvproxy.tview.opaque import (
 )
 from tvproxy.tview.planner import ALL_KEYS, KeysWhen, RefreshPlan, plan_refresh
 from tvproxy.tview.tracker import TransactionTracker
+from tvproxy.tview.twophase import catch_up, encode_keys, insert_sql
 from tvproxy.tview.txcontrol import TxKind, classify
 
 if TYPE_CHECKING:
@@ -163,11 +164,36 @@ class TviewEngine:
         self.loaded.set()
         # catalogs also follow what changed without a NOTIFY (functions, triggers, foreign
         # keys created directly on the server)
+        await self._recover()
         while self.cfg.recovery_interval > 0:
             await asyncio.sleep(self.cfg.recovery_interval)
             for name, cat in list(self.catalogs.items()):
                 if not cat.empty:
                     await self.reload(name)
+            await self._recover()
+
+    async def _recover(self) -> None:
+        """Catch up prepared transactions committed without the proxy seeing it."""
+        for name, cat in list(self.catalogs.items()):
+            if not cat.empty:
+                await self.catch_up(name)
+
+    async def catch_up(self, database: str, gid: str | None = None) -> None:
+        cat = self.catalog(database)
+        if cat.empty:
+            return
+        cfg = self.cfg
+        try:
+            conn = await self._connect(database)
+            try:
+                done = await catch_up(conn, cat, cfg.schema, database, cfg.lock_namespace,
+                                      cfg.max_propagation_depth, gid)
+            finally:
+                await conn.close()
+            if done:
+                log.info("tview 2pc catch-up", database=database, gids=done)
+        except Exception as exc:  # noqa: BLE001 - the next recovery pass tries again
+            log.warning("tview 2pc catch-up failed", database=database, error=str(exc))
 
     async def _listen(self, database: str) -> None:
         """Follow catalog changes of other instances (only where TVIEWs exist: a database
@@ -239,6 +265,7 @@ class TviewSession:
         self.audits_inflight = 0
         self.opaque_tables: list[str] = []
         self.reload_after = False
+        self.committed_prepared: list[str] = []  # COMMIT PREPARED gids to catch up after
         self.txn = 0
 
     # --- recording keys --------------------------------------------------------------------
@@ -292,12 +319,17 @@ class TviewSession:
             elif kind in (TxKind.COMMIT, TxKind.COMMIT_AND_CHAIN, TxKind.PREPARE):
                 if not self.failed:  # COMMIT of a failed transaction refreshes nothing
                     self._close_span(pre, cat)
-                    self._plan_batch(pre, cat, self.tracker.take(), False)
+                    keys = self.tracker.take()
+                    self._plan_batch(pre, cat, keys, False)
+                    if kind is TxKind.PREPARE and cmd.name and (keys or self.audits_inflight):
+                        self._persist_queue(pre, cat, cmd.name, keys)
                 self._end_transaction()
                 self.in_block = kind is TxKind.COMMIT_AND_CHAIN
             elif kind in (TxKind.ROLLBACK, TxKind.ROLLBACK_AND_CHAIN):
                 self._end_transaction()
                 self.in_block = kind is TxKind.ROLLBACK_AND_CHAIN
+            elif kind is TxKind.COMMIT_PREPARED and cmd.name:
+                self.committed_prepared.append(cmd.name)
             elif kind is TxKind.SAVEPOINT and cmd.name:
                 self.tracker.savepoint(cmd.name)
             elif kind is TxKind.RELEASE and cmd.name:
@@ -318,6 +350,16 @@ class TviewSession:
         pending = self.tracker.pending()
         if pending or self.audits_inflight:
             self._plan_batch(pre, cat, pending, True)
+
+    def _persist_queue(self, pre: list[tuple[bytes, object]], cat: RuntimeCatalog, gid: str,
+                       keys: dict[str, set[Hashable]]) -> None:
+        """PREPARE TRANSACTION: the queue goes into pending_refresh, in the same transaction,
+        for the catch-up after COMMIT PREPARED (tview/twophase.py)."""
+        everything = [e for ent in cat.audited.values() for e in _all_affected(cat, ent)] if (
+            self.audits_inflight) else []
+        params = (gid, self.client.database, encode_keys(keys, everything))
+        pre.append((statement_messages([insert_sql(self.engine.cfg.schema)], [params]) + B.SYNC,
+                    None))
 
     # --- opaque writers ---------------------------------------------------------------------
 
@@ -626,15 +668,21 @@ class TviewSession:
     def hold_ready(self, client: ClientSession, status: bytes) -> bool:
         """After DDL that may add triggers, functions or cascading keys: the client hears
         ReadyForQuery once the catalog knows them (its next statement is audited right)."""
-        if not self.reload_after or status != b"I":
+        if status != b"I" or not (self.reload_after or self.committed_prepared):
             return False
-        self.reload_after = False
-        asyncio.ensure_future(self._reload_then(client, status))
+        reload, self.reload_after = self.reload_after, False
+        gids, self.committed_prepared = self.committed_prepared, []
+        asyncio.ensure_future(self._then_ready(client, status, reload, gids))
         return True
 
-    async def _reload_then(self, client: ClientSession, status: bytes) -> None:
+    async def _then_ready(self, client: ClientSession, status: bytes, reload: bool,
+                          gids: list[str]) -> None:
+        """Reload the catalog and/or catch up committed prepared transactions, then answer."""
         try:
-            await self.engine.reload(client.database, announce=True)
+            if reload:
+                await self.engine.reload(client.database, announce=True)
+            for gid in gids:
+                await self.engine.catch_up(client.database, gid)
         finally:
             client.ddl_done(B.ready_for_query(status))
 
