@@ -907,7 +907,7 @@ def render_md(report: dict[str, Any]) -> str:
     lines = [
         f"# TVIEW write overhead — {report['started_at']}",
         "",
-        f"Command: `{report['command']}`",
+        f"Command: `{report['command'].strip()}`",
         "",
         f"Fixture F x {s['companies']:,} companies, {s['users']:,} users, {s['posts']:,} posts, "
         f"{s['comments']:,} comments (tv_user.data includes email; tb_ fk columns indexed), "
@@ -1061,8 +1061,9 @@ def render_md(report: dict[str, Any]) -> str:
             lines.append(f"Profile failed: {prof['error']}")
         else:
             lines += [
-                "One transaction of each workload on random keys, in rolled-back transactions "
-                "on an idle server: tvproxy's injected statements (built by tvproxy's own "
+                "One transaction of each workload on random keys (7 samples), in rolled-back "
+                "transactions, with no benchmark traffic running (the machine's other load "
+                "still applies): tvproxy's injected statements (built by tvproxy's own "
                 "planner, as the proxy sends them: unnamed, so parsed and planned at every "
                 "COMMIT) in db tview; the same UPDATEs in db trig, where the row triggers run "
                 "inside them (plpgsql caches their plans).",
@@ -1317,7 +1318,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if min(args.users, args.posts, args.companies, args.comments) <= 0:
         raise SystemExit("sizes must be positive")
-    command = "python bench/tview.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = " ".join(["python bench/tview.py", *(sys.argv[1:] if argv is None else argv)])
     install_signal_handlers()
     started = dt.datetime.now(dt.UTC)
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
