@@ -570,6 +570,8 @@ class ClientSession(asyncio.Protocol):
                 return False
             self.prepared[name] = self.proxy.prepared.acquire(body[pos:])
             self.stats.client_parse_count += 1
+            if self.tview is not None:  # a named statement: only recorded, nothing to send
+                self.tview.parse(self, name, _sql)
             self.write(B.PARSE_COMPLETE)
             return True
         if mtype == 0x43 and buf[start + 5] == 0x53:

@@ -127,6 +127,14 @@ class _Audit:
 
 
 @dataclass(frozen=True)
+class _Prepared:
+    sql: str
+    writes: tuple[WriteCapture, ...]
+    opaque: bool
+    deferred: bool  # named: effects at every Bind, not at the Parse
+
+
+@dataclass(frozen=True)
 class _Talk:
     """A statement of the engine's conversation on the client's server (TVIEW DDL)."""
 
@@ -254,8 +262,8 @@ class TviewSession:
         self.in_block = False
         self.wrapped = False
         self.hold = True  # hold the client's input after a statement in a wrapped transaction
-        # prepared statements that write tracked tables or are opaque writers
-        self.stmts: dict[bytes, tuple[tuple[WriteCapture, ...], bool]] = {}
+        # prepared statements that concern the engine (see parse)
+        self.stmts: dict[bytes, _Prepared] = {}
         self.inflight: list[object] = []
         self.started = 0.0
         self.failed = False  # the server said the transaction is aborted
@@ -446,27 +454,54 @@ class TviewSession:
         return self._send(pre)
 
     def parse(self, client: ClientSession, name: bytes, text: bytes) -> list[bytes] | None:
+        """An unnamed statement runs right after its Parse: its effects happen now.  A named
+        one may run many times, on any server: recorded here, its effects happen at each Bind
+        (also when the proxy answered the Parse itself)."""
         cat = self.engine.catalog(client.database)
         if cat.empty:
             return None
+        sql = text.decode("utf-8", "replace")
+        if name:
+            if self._matters(sql, cat):
+                self.stmts[name] = _Prepared(sql, (), False, True)
+            else:
+                self.stmts.pop(name, None)
+            return None
         pre: list[tuple[bytes, object]] = []
-        writes, opaque = self._statement(text.decode("utf-8", "replace"), pre, cat)
+        writes, opaque = self._statement(sql, pre, cat)
         if writes or opaque:
-            self.stmts[name] = (writes, opaque)
+            self.stmts[name] = _Prepared(sql, writes, opaque, False)
             self._wrap(pre)  # before the Parse: a Query in between would drop an unnamed one
         else:
             self.stmts.pop(name, None)
         return self._send(pre)
 
+    def _matters(self, sql: str, cat: RuntimeCatalog) -> bool:
+        """Does running this statement concern the engine (transaction control, a tracked or
+        opaque write, a read of a tv_ table)?"""
+        if any(c is not None for c in classify(sql)):
+            return True
+        try:
+            if capture(sql, cat.tracked):
+                return True
+        except pglast.parser.ParseError:
+            return False
+        if cat.audited and is_opaque(sql, cat.functions, cat.trigger_tables):
+            return True
+        low = sql.lower()
+        return any(t in low for t in cat.tv_tables)
+
     def bind(self, client: ClientSession, name: bytes, body: bytes, pos: int) -> list[bytes] | None:
         prepared = self.stmts.get(name)
         if prepared is None:
             return None
-        writes, opaque = prepared
         cat = self.engine.catalog(client.database)
         pre: list[tuple[bytes, object]] = []
-        if opaque and not self.failed:
-            self._open_span(pre, cat)  # again, for a statement prepared earlier
+        writes, opaque = prepared.writes, prepared.opaque
+        if prepared.deferred:  # a named statement: what it does happens now, each time
+            writes, opaque = self._statement(prepared.sql, pre, cat)
+        elif opaque and not self.failed:
+            self._open_span(pre, cat)
         try:
             formats, values = D.bind_params(body, pos)
         except Exception:  # noqa: BLE001 - the server rejects a malformed Bind itself
@@ -489,7 +524,7 @@ class TviewSession:
                     break
                 keys.append(key)  # type: ignore[union-attr]
             self._touch(cat, w, keys, pre)
-        if name:
+        if name and (writes or opaque):
             self._wrap(pre)
         return self._send(pre)
 
