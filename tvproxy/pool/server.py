@@ -59,6 +59,7 @@ class ServerConnection(asyncio.Protocol):
         self.status = b"I"
         # client-independent server-side prepared statements: server name -> None (LRU order)
         self.prepared: OrderedDict[bytes, None] = OrderedDict()
+        self.engine_statements: set[bytes] = set()  # the TVIEW engine's refresh statements
         self.addr = ("", 0)
         self.local_addr = ("", 0)
         # login phase
@@ -216,6 +217,7 @@ class ServerConnection(asyncio.Protocol):
         up = sql.upper()
         if "DISCARD ALL" in up or "DEALLOCATE ALL" in up:
             self.prepared.clear()
+            self.engine_statements.clear()
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:

@@ -884,6 +884,8 @@ class ClientSession(asyncio.Protocol):
     def _command_complete(self, server: ServerConnection, buf: bytes | bytearray, start: int,
                           end: int) -> None:
         tag = bytes(buf[start + 5:start + 19])
+        if tag.startswith((b"DISCARD ALL", b"DEALLOCATE")):
+            server.engine_statements.clear()
         if tag.startswith((b"DISCARD ALL", b"RESET")):
             # settings went back to the server's defaults; forget what the proxy had set
             for key in server.params_set - server.login_params.keys():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import re
 import time
 import uuid
@@ -81,9 +82,42 @@ def _array_literal(values: list[object]) -> bytes:
     return ("{" + ",".join(parts) + "}").encode()
 
 
-def plan_messages(plan: RefreshPlan) -> bytes:
-    """The plan as extended-protocol messages, keys bound as text array parameters."""
-    return statement_messages(plan.statements, plan.params)
+MAX_ENGINE_STATEMENTS = 512  # refresh statements kept prepared per server
+
+
+def plan_messages(plan: RefreshPlan, server: Any = None) -> tuple[bytes, tuple[bytes, ...]]:
+    """The plan as extended-protocol messages, keys bound as text array parameters.  Its
+    statements are prepared once per server (named by their text's digest) and then only
+    bound: planning them again on every COMMIT would cost more than running them.  Returns
+    the names newly prepared (forgotten again if the batch fails)."""
+    known: set[bytes] = server.engine_statements if server is not None else set()
+    out = []
+    new: list[bytes] = []
+    for sql, params in zip(plan.statements, plan.params, strict=True):
+        name = b""
+        if server is not None:
+            name = b"tvproxy_" + hashlib.sha1(sql.encode()).hexdigest()[:20].encode()
+            if name not in known:
+                if len(known) < MAX_ENGINE_STATEMENTS:
+                    # Close first: a batch that failed may or may not have prepared it
+                    out.append(B.close_statement(name) + B.parse(name, sql.encode()))
+                    known.add(name)
+                    new.append(name)
+                else:
+                    name = b""
+        if not name:
+            out.append(B.parse(b"", sql.encode()))
+        out.append(_bind(name, params))
+        out.append(B.message(b"E", b"\x00\x00\x00\x00\x00"))
+    return b"".join(out), tuple(new)
+
+
+def _bind(statement: bytes, params: tuple[object, ...] | list[object]) -> bytes:
+    body = b"\x00" + statement + b"\x00" + pack("!HH", 0, len(params))
+    for p in params:
+        val = _array_literal(p) if isinstance(p, list) else str(p).encode()
+        body += pack("!i", len(val)) + val
+    return B.message(b"B", body + b"\x00\x00")
 
 
 def statement_messages(statements: tuple[str, ...] | list[str],
@@ -93,11 +127,7 @@ def statement_messages(statements: tuple[str, ...] | list[str],
     out = []
     for sql, params in zip(statements, all_params, strict=True):
         out.append(B.parse(b"", sql.encode()))
-        body = b"\x00\x00" + pack("!HH", 0, len(params))
-        for p in params:
-            val = _array_literal(p) if isinstance(p, list) else str(p).encode()
-            body += pack("!i", len(val)) + val
-        out.append(B.message(b"B", body + b"\x00\x00"))
+        out.append(_bind(b"", params))
         out.append(B.message(b"E", b"\x00\x00\x00\x00\x00"))
     return b"".join(out)
 
@@ -667,7 +697,8 @@ class TviewSession:
             plan = RefreshPlan((), (check,), ((),)) if plan is None else RefreshPlan(
                 plan.entities, (check, *plan.statements), ((), *plan.params))
         if plan is not None:
-            pre.append((plan_messages(plan) + B.SYNC, (plan, time.monotonic(), flush)))
+            msgs, new = plan_messages(plan, self.client.server)
+            pre.append((msgs + B.SYNC, (plan, time.monotonic(), flush, new)))
 
     def _end_transaction(self) -> None:
         self.tracker.reset()
@@ -752,7 +783,9 @@ class TviewSession:
             return False
         if meta is None:
             return False
-        plan, started, flush = meta  # type: ignore[misc]
+        plan, started, flush, new = meta  # type: ignore[misc]
+        if error is not None and new and self.client.server is not None:
+            self.client.server.engine_statements.difference_update(new)  # never prepared
         if not plan.entities:
             return False
         db = self.client.database
