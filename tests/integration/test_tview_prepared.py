@@ -26,11 +26,14 @@ UPDATE tb_company SET name = 'c' || :client_id WHERE pk_company = 1;
 
 def test_pgbench_prepared_keeps_tviews_fresh(pg: Any, fixture_f: Any,  # noqa: F811
                                              tmp_path: Path) -> None:
+    # one pgbench thread per client: pgbench prepares a command the first time it runs it,
+    # synchronously, so with fewer servers (4) than clients a thread waiting there would stall
+    # its other clients' open transactions (a pgbench/transaction-pooling deadlock, not ours)
     script = tmp_path / "tview.sql"
     script.write_text(SCRIPT)
     for mode in ("prepared", "extended", "simple"):
         cmd = [pgbench_path(pg), "-h", fixture_f.host, "-p", str(fixture_f.port), "-U",
-               "postgres", "-n", "-M", mode, "-c", "6", "-j", "2", "-t", "40", "-f", str(script),
+               "postgres", "-n", "-M", mode, "-c", "6", "-j", "6", "-t", "40", "-f", str(script),
                "app"]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
                            env={**os.environ, "PGSSLMODE": "disable"}, stdin=subprocess.DEVNULL)

@@ -80,3 +80,15 @@ def test_copy_from_and_truncate_are_writes_with_unknown_keys() -> None:
     got = capture("TRUNCATE tb_post, tb_user CASCADE", TABLES)
     assert [(w.table, w.op) for w in got] == [("tb_post", "truncate"), ("tb_user", "truncate")]
     assert capture("COPY tb_post TO STDOUT", TABLES) == ()
+
+
+def test_insert_without_column_list_uses_the_pk_position() -> None:
+    post = TrackedTable("tb_post", "post", "pk_post", frozenset({"pk_post", "fk_user"}),
+                        pk_position=0)
+    (w,) = capture("INSERT INTO tb_post VALUES (4, DEFAULT, 3, 'P4'), ($1, DEFAULT, 1, 'x')",
+                   (post,))
+    assert w.keys == (KeyRef(value=4), KeyRef(param=1))
+    (w,) = capture("INSERT INTO tb_post VALUES (DEFAULT, 1)", (post,))
+    assert w.keys is None  # a default pk: unknown
+    (w,) = capture("INSERT INTO tb_post VALUES (1)", (POST,))
+    assert w.keys is None  # position unknown

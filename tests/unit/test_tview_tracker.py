@@ -128,3 +128,22 @@ def test_classify_transaction_control() -> None:
     assert classify("PREPARE q AS SELECT 1") == (None,)
     assert classify("insert into t values (1); commit") == (None, TxCommand(TxKind.COMMIT))
     assert classify("commit; (") == ()
+
+
+def test_flush_is_undone_with_its_savepoint() -> None:
+    t = TransactionTracker()
+    t.touch("user", [1])
+    t.statement_succeeded()
+    t.savepoint("s")
+    t.touch("post", [3])
+    t.statement_succeeded()
+    assert t.flush() == {"user": {1}, "post": {3}}
+    assert t.pending() == {}  # refreshed once, not again at COMMIT
+    t.rollback_to("s")  # the refresh ran inside s: undone, so user 1 (and post 3) are due again
+    assert t.pending() == {"user": {1}, "post": {3}}
+    t.savepoint("t")
+    assert t.flush() == {"user": {1}, "post": {3}}
+    t.release("t")
+    t.rollback_to("s")
+    assert t.pending() == {"user": {1}, "post": {3}}
+    assert t.flush() and t.pending() == {}

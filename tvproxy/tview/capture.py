@@ -31,6 +31,7 @@ class TrackedTable:
     pk: str
     key_columns: frozenset[str]  # pk_* and fk_* columns whose change moves rows between parents
     schema: str = "public"
+    pk_position: int | None = None  # of the pk among the table's columns (INSERT without a list)
 
 
 @dataclass(frozen=True)
@@ -115,14 +116,22 @@ def _keys_from_where(where: object, pk: str, aliases: frozenset[str]) -> tuple[K
     return None
 
 
-def _insert_keys(stmt: ast.InsertStmt, pk: str) -> tuple[KeyRef, ...] | None:
+def _insert_keys(stmt: ast.InsertStmt, pk: str,
+                 pk_position: int | None) -> tuple[KeyRef, ...] | None:
     select = stmt.selectStmt
-    if not stmt.cols or not isinstance(select, ast.SelectStmt) or not select.valuesLists:
+    if not isinstance(select, ast.SelectStmt) or not select.valuesLists:
         return None
-    names = [c.name for c in stmt.cols]
-    if pk not in names:
+    if stmt.cols:
+        names = [c.name for c in stmt.cols]
+        if pk not in names:
+            return None
+        i = names.index(pk)
+    elif pk_position is None:
         return None
-    i = names.index(pk)
+    else:
+        i = pk_position
+    if any(len(row) <= i for row in select.valuesLists):
+        return None
     refs = [_const(row[i]) for row in select.valuesLists]
     return tuple(refs) if all(r is not None for r in refs) else None  # type: ignore[misc]
 
@@ -156,8 +165,8 @@ def _capture_one(node: object, tables: Mapping[str, TrackedTable], out: list[Wri
         conflict = node.onConflictClause
         assigns = bool(conflict and conflict.targetList and any(
             t.name in table.key_columns for t in conflict.targetList))
-        out.append(WriteCapture(table.name, table.entity, "insert", _insert_keys(node, table.pk),
-                                assigns, returning))
+        keys = _insert_keys(node, table.pk, table.pk_position)
+        out.append(WriteCapture(table.name, table.entity, "insert", keys, assigns, returning))
     elif isinstance(node, ast.UpdateStmt):
         assigns = any(t.name in table.key_columns for t in node.targetList)
         keys = None if node.fromClause else _keys_from_where(node.whereClause, table.pk, aliases)

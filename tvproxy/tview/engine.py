@@ -385,9 +385,9 @@ class TviewSession:
         if not any(t in low for t in cat.tv_tables):
             return
         self._close_span(pre, cat)
-        pending = self.tracker.pending()
-        if pending or self.audits_inflight:
-            self._plan_batch(pre, cat, pending, True)
+        if not self.tracker.pending() and not self.audits_inflight:
+            return
+        self._plan_batch(pre, cat, self.tracker.flush(), True)
 
     def _persist_queue(self, pre: list[tuple[bytes, object]], cat: RuntimeCatalog, gid: str,
                        keys: dict[str, set[Hashable]]) -> None:

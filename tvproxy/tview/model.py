@@ -74,8 +74,9 @@ def build_runtime(entries: Sequence[CatalogEntry], tables: Mapping[str, BaseTabl
         entity = table[3:] if table.startswith("tb_") else table
         if table not in tracked:
             keycols = frozenset(c for c in base.columns if c.startswith(("pk_", "fk_")))
+            position = base.columns.index(base.pk) if base.pk in base.columns else None
             tracked[table] = TrackedTable(table, entity, base.pk, keycols | {base.pk},
-                                          base.schema)
+                                          base.schema, position)
             cat.key_types[entity] = base.pk_type
             cat.all_keys.setdefault(entity, f"SELECT {q(base.pk)} FROM "
                                             f"{q(base.schema)}.{q(table)}")

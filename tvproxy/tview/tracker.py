@@ -22,12 +22,13 @@ def _merge(into: Keys, keys: Keys) -> None:
 
 
 class TransactionTracker:
-    __slots__ = ("_levels", "_names", "_statement")
+    __slots__ = ("_flushed", "_levels", "_names", "_statement")
 
     def __init__(self) -> None:
         self._levels: list[Keys] = [{}]
         self._names: list[str] = []  # savepoint names, one per level above the first
         self._statement: Keys = {}
+        self._flushed: list[Keys] = [{}]  # keys refreshed early, by the level they ran in
 
     # --- statements ------------------------------------------------------------------------
 
@@ -52,6 +53,7 @@ class TransactionTracker:
     def savepoint(self, name: str) -> None:
         self._names.append(name)
         self._levels.append({})
+        self._flushed.append({})
 
     def _find(self, name: str) -> int | None:
         for i in range(len(self._names) - 1, -1, -1):
@@ -66,6 +68,10 @@ class TransactionTracker:
         del self._names[i + 1:]
         del self._levels[i + 2:]
         self._levels[i + 1] = {}
+        for flushed in self._flushed[i + 1:]:  # those refreshes are undone: pending again
+            _merge(self._levels[i], flushed)
+        del self._flushed[i + 2:]
+        self._flushed[i + 1] = {}
         self._statement = {}
         return True
 
@@ -76,8 +82,11 @@ class TransactionTracker:
         below = self._levels[i]
         for level in self._levels[i + 1:]:
             _merge(below, level)
+        for flushed in self._flushed[i + 1:]:
+            _merge(self._flushed[i], flushed)
         del self._names[i:]
         del self._levels[i + 1:]
+        del self._flushed[i + 1:]
         return True
 
     # --- whole transaction -----------------------------------------------------------------
@@ -105,8 +114,16 @@ class TransactionTracker:
                 out.setdefault(entity, set()).update(level.pop(entity))
         return out
 
+    def flush(self) -> Keys:
+        """Every pending key, refreshed now (read-your-writes): not pending any more, unless a
+        ROLLBACK TO undoes the level the refresh ran in."""
+        out = self.take()
+        _merge(self._flushed[-1], out)
+        return out
+
     def reset(self) -> None:
         """COMMIT, ROLLBACK or PREPARE TRANSACTION: nothing is pending any more."""
         self._levels = [{}]
         self._names = []
         self._statement = {}
+        self._flushed = [{}]
