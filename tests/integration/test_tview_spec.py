@@ -523,7 +523,8 @@ async def test_s10_child_update(tvf: FixtureF, db: Opener) -> None:
 async def test_s11_child_delete(tvf: FixtureF, db: Opener) -> None:
     c = await db.open(tvf.proxy)
     for pk, left in ((1, [2]), (2, [])):
-        async with refresh(tvf, must={"post": {1}}, never={"post": {2, 3}, **NO_UP}):
+        async with refresh(tvf, must={"post": {1}}, never={"post": {2, 3}, **NO_UP},
+                           keys={"post": 1}):
             await c.control("BEGIN")
             r = await c.execute("DELETE FROM tb_comment WHERE pk_comment = $1", pk)
             assert r.tag == "DELETE 1"
@@ -668,7 +669,8 @@ async def test_s17_rollback(tvf: FixtureF, tview_proxy_factory: Any, db: Opener)
 
 async def test_s18_rollback_to_savepoint(tvf: FixtureF, db: Opener) -> None:
     c = await db.open(tvf.proxy)
-    async with refresh(tvf, must={"user": {1}, "post": {1, 2}}, never={"post": {3}}):
+    async with refresh(tvf, must={"user": {1}, "post": {1, 2}}, never={"post": {3}},
+                       keys={"post": 2}):
         await c.control("BEGIN")
         await c.execute("UPDATE tb_user SET name = $1 WHERE pk_user = $2", "S", 1)
         await c.control("SAVEPOINT s")
