@@ -606,7 +606,7 @@ async def test_s16_read_your_writes(tvf: FixtureF, tview_proxy_factory: Any, db:
     async with refresh(tvf, must={"user": {1}, "post": {1, 2}}, statements=None):
         await c.control("BEGIN")
         await c.execute(write, "Z", 1)
-        assert await c.value(read, 1) == "Z"  # on (default): flushed before the read
+        assert await c.value(read, 1) == "Z", "read-your-writes (default on): no flush"
         await c.control("COMMIT")
     assert await c.value(read, 1) == "Z"
 
@@ -614,7 +614,8 @@ async def test_s16_read_your_writes(tvf: FixtureF, tview_proxy_factory: Any, db:
     async with refresh(tvf, must={"user": {1}, "post": {1, 2}}, statements=None):
         await c.control("BEGIN")
         await c.execute(write, "Y", 1)
-        assert await c.value(read, 1) == "Y"
+        # the read reuses the statement prepared in the transaction before (asyncpg: Bind only)
+        assert await c.value(read, 1) == "Y", "read-your-writes: tv_user not flushed before a read"
         await c.execute(write, "Z2", 1)
         assert await c.value("SELECT data->'author'->>'name' FROM tv_post WHERE pk_post = $1",
                              1) == "Z2"
