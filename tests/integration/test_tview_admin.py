@@ -7,10 +7,9 @@ import time
 from typing import Any
 
 import psycopg
+import tview_fixture
 
-from tests.integration import test_tview_scenarios as scenarios
-
-fixture_f = scenarios.fixture_f  # fixture F with its three TVIEWs, created through the proxy
+fixture_f = tview_fixture.fixture_f  # fixture F with its three TVIEWs, created through the proxy
 
 
 def admin(proxy: Any) -> psycopg.Connection:

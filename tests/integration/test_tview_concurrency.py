@@ -10,8 +10,10 @@ from typing import Any
 
 import asyncpg
 import pytest
+import tview_fixture
+from tview_fixture import drift
 
-from tests.integration.test_tview_scenarios import drift, fixture_f  # noqa: F401 - fixture
+fixture_f = tview_fixture.fixture_f
 
 CLIENTS = 8
 TRANSACTIONS = 300
@@ -61,7 +63,7 @@ async def _client(url: str, n: int, isolation: str, committed: dict[int, str]) -
 
 
 @pytest.mark.parametrize("isolation", ["read_committed", "repeatable_read"])
-async def test_concurrent_random_transactions(pg: Any, fixture_f: Any, isolation: str) -> None:  # noqa: F811
+async def test_concurrent_random_transactions(pg: Any, fixture_f: Any, isolation: str) -> None:
     committed: dict[int, str] = {}
     await asyncio.gather(*(_client(fixture_f.url("app"), n, isolation, committed)
                            for n in range(CLIENTS)))

@@ -7,39 +7,12 @@ from typing import Any
 
 import asyncpg
 import pytest
+from tview_fixture import base_ddl, direct_tviews_ddl
 
 from tvproxy.tview.analyze import TviewError
 from tvproxy.tview.planner import TviewSpec, affected, plan_refresh
 
-FIXTURE = """
-CREATE SCHEMA pl;
-SET LOCAL search_path = pl;
-CREATE TABLE tb_company (pk_company BIGINT PRIMARY KEY, id UUID NOT NULL DEFAULT gen_random_uuid(), name TEXT NOT NULL);
-CREATE TABLE tb_user (pk_user BIGINT PRIMARY KEY, id UUID NOT NULL DEFAULT gen_random_uuid(),
-  fk_company BIGINT NOT NULL REFERENCES tb_company, name TEXT NOT NULL, email TEXT);
-CREATE TABLE tb_post (pk_post BIGINT PRIMARY KEY, id UUID NOT NULL DEFAULT gen_random_uuid(),
-  fk_user BIGINT NOT NULL REFERENCES tb_user, title TEXT NOT NULL);
-CREATE TABLE tb_comment (pk_comment BIGINT PRIMARY KEY, id UUID NOT NULL DEFAULT gen_random_uuid(),
-  fk_post BIGINT NOT NULL REFERENCES tb_post, text TEXT);
-INSERT INTO tb_company VALUES (1, DEFAULT, 'Acme'), (2, DEFAULT, 'Globex');
-INSERT INTO tb_user VALUES (1, DEFAULT, 1, 'Alice', 'a@x'), (2, DEFAULT, 1, 'Bob', 'b@x'), (3, DEFAULT, 2, 'Carol', 'c@x');
-INSERT INTO tb_post VALUES (1, DEFAULT, 1, 'P1'), (2, DEFAULT, 1, 'P2'), (3, DEFAULT, 2, 'P3');
-INSERT INTO tb_comment VALUES (1, DEFAULT, 1, 'c1'), (2, DEFAULT, 1, 'c2');
-CREATE VIEW v_company AS SELECT pk_company, id, jsonb_build_object('id', id, 'name', name) AS data FROM tb_company;
-CREATE VIEW v_user AS
-SELECT u.pk_user, u.id, u.fk_company, v_company.id AS company_id,
-       jsonb_build_object('id', u.id, 'name', u.name, 'company', v_company.data) AS data
-FROM tb_user u JOIN v_company ON v_company.pk_company = u.fk_company;
-CREATE VIEW v_post AS
-SELECT p.pk_post, p.id, p.fk_user, v_user.id AS user_id,
-       jsonb_build_object('id', p.id, 'title', p.title, 'author', v_user.data,
-         'comments', COALESCE((SELECT jsonb_agg(jsonb_build_object('id', c.pk_comment, 'text', c.text)
-                                ORDER BY c.pk_comment) FROM tb_comment c WHERE c.fk_post = p.pk_post), '[]'::jsonb)) AS data
-FROM tb_post p JOIN v_user ON v_user.pk_user = p.fk_user;
-CREATE TABLE tv_company AS SELECT * FROM v_company; ALTER TABLE tv_company ADD PRIMARY KEY (pk_company);
-CREATE TABLE tv_user AS SELECT * FROM v_user; ALTER TABLE tv_user ADD PRIMARY KEY (pk_user);
-CREATE TABLE tv_post AS SELECT * FROM v_post; ALTER TABLE tv_post ADD PRIMARY KEY (pk_post);
-"""
+FIXTURE = base_ddl("pl") + direct_tviews_ddl()  # fixture F in schema pl, no proxy
 
 SPECS = {
     "company": TviewSpec("company", "tv_company", "v_company", "pk_company", "bigint",
