@@ -7,8 +7,10 @@ from typing import Any
 
 import psycopg
 import pytest
+import tview_fixture
+from tview_fixture import oracle
 
-from tests.integration.test_tview_scenarios import fixture_f, oracle  # noqa: F401 - fixture
+fixture_f = tview_fixture.fixture_f
 
 TV_COMMENT = ("CREATE TABLE tv_comment AS SELECT c.pk_comment, c.id, c.fk_post, "
               "jsonb_build_object('text', c.text, 'post', v_post.data) AS data "
@@ -19,7 +21,7 @@ def _exists(c: psycopg.Connection, rel: str) -> bool:
     return c.execute("SELECT to_regclass(%s) IS NOT NULL", (rel,)).fetchone()[0]
 
 
-def test_create_and_drop_in_transaction(pg: Any, fixture_f: Any) -> None:  # noqa: F811
+def test_create_and_drop_in_transaction(pg: Any, fixture_f: Any) -> None:
     with psycopg.connect(fixture_f.dsn("app")) as c:
         c.execute("UPDATE tb_post SET title = 'before' WHERE pk_post = 1")
         cur = c.execute(TV_COMMENT)
@@ -49,7 +51,7 @@ def test_create_and_drop_in_transaction(pg: Any, fixture_f: Any) -> None:  # noq
         assert not _exists(c, "tv_comment") and not _exists(c, "v_comment")
 
 
-def test_errors_abort_the_transaction(pg: Any, fixture_f: Any) -> None:  # noqa: F811
+def test_errors_abort_the_transaction(pg: Any, fixture_f: Any) -> None:
     with psycopg.connect(fixture_f.dsn("app")) as c:
         c.execute("SELECT 1")
         with pytest.raises(psycopg.errors.DuplicateTable):

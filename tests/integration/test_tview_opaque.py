@@ -10,13 +10,10 @@ from typing import Any
 import asyncpg
 import psycopg
 import pytest
+import tview_fixture
+from tview_fixture import FIXTURE, TVIEWS, oracle
 
-from tests.integration.test_tview_scenarios import (  # noqa: F401 - fixture
-    FIXTURE,
-    TVIEWS,
-    fixture_f,
-    oracle,
-)
+fixture_f = tview_fixture.fixture_f
 
 WRITERS = """
 CREATE FUNCTION rename_user(k bigint, n text) RETURNS int LANGUAGE plpgsql AS
@@ -40,7 +37,7 @@ def _author(c: psycopg.Connection, pk: int) -> str:
 
 
 @pytest.fixture
-def writers(pg: Any, fixture_f: Any) -> Any:  # noqa: F811
+def writers(pg: Any, fixture_f: Any) -> Any:
     with psycopg.connect(fixture_f.dsn("app"), autocommit=True) as c:
         c.execute(WRITERS)  # through the proxy: it reloads what it audits before answering
     yield fixture_f
@@ -102,7 +99,7 @@ def test_triggers_and_savepoints(pg: Any, writers: Any) -> None:
         assert _author(c, 1) == "Kept"
 
 
-def test_cascading_foreign_keys(pg: Any, fixture_f: Any) -> None:  # noqa: F811
+def test_cascading_foreign_keys(pg: Any, fixture_f: Any) -> None:
     with psycopg.connect(fixture_f.dsn("app"), autocommit=True) as c:
         c.execute("ALTER TABLE tb_post DROP CONSTRAINT tb_post_fk_user_fkey, ADD FOREIGN KEY "
                   "(fk_user) REFERENCES tb_user ON UPDATE CASCADE ON DELETE CASCADE")

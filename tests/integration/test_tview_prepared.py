@@ -10,9 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import tview_fixture
+from tview_fixture import oracle
 
 from tests.integration.test_pgbench import pgbench_path
-from tests.integration.test_tview_scenarios import drift, fixture_f, oracle  # noqa: F401
+
+fixture_f = tview_fixture.fixture_f
 
 SCRIPT = """\\set u random(1, 3)
 \\set p random(1, 3)
@@ -24,7 +27,7 @@ UPDATE tb_company SET name = 'c' || :client_id WHERE pk_company = 1;
 """
 
 
-def test_pgbench_prepared_keeps_tviews_fresh(pg: Any, fixture_f: Any,  # noqa: F811
+def test_pgbench_prepared_keeps_tviews_fresh(pg: Any, fixture_f: Any,
                                              tmp_path: Path) -> None:
     # one pgbench thread per client: pgbench prepares a command the first time it runs it,
     # synchronously, so with fewer servers (4) than clients a thread waiting there would stall
@@ -41,7 +44,7 @@ def test_pgbench_prepared_keeps_tviews_fresh(pg: Any, fixture_f: Any,  # noqa: F
         oracle(pg)
 
 
-def test_psycopg_prepared_statements(pg: Any, fixture_f: Any) -> None:  # noqa: F811
+def test_psycopg_prepared_statements(pg: Any, fixture_f: Any) -> None:
     conns = [psycopg.connect(fixture_f.dsn("app"), prepare_threshold=0) for _ in range(3)]
     try:
         for round_ in range(4):

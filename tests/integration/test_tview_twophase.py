@@ -7,14 +7,11 @@ from __future__ import annotations
 from typing import Any
 
 import psycopg
+import tview_fixture
 from harness import wait_until
+from tview_fixture import FIXTURE, TVIEWS, oracle
 
-from tests.integration.test_tview_scenarios import (  # noqa: F401 - fixture
-    FIXTURE,
-    TVIEWS,
-    fixture_f,
-    oracle,
-)
+fixture_f = tview_fixture.fixture_f
 
 
 def _pending(pg: Any) -> int:
@@ -30,7 +27,7 @@ def _names(pg: Any) -> tuple[str, str, str]:
             " (SELECT data->'author'->>'name' FROM tv_post WHERE pk_post = 3)").fetchone()
 
 
-def test_prepare_then_commit_prepared_elsewhere(pg: Any, fixture_f: Any) -> None:  # noqa: F811
+def test_prepare_then_commit_prepared_elsewhere(pg: Any, fixture_f: Any) -> None:
     with psycopg.connect(fixture_f.dsn("app")) as c:
         c.execute("UPDATE tb_user SET name = '2pc' WHERE pk_user = 2")
         c.execute("PREPARE TRANSACTION 'g1'")
@@ -65,7 +62,7 @@ def test_commit_prepared_on_the_server_is_recovered(pg: Any, proxy_factory: Any)
             direct.execute("COMMIT PREPARED 'g3'")
         assert _names(pg) == ("direct", "direct", "direct")  # refreshed before PREPARE
         assert wait_until(lambda: _pending(pg) == 0, timeout=10)
-        assert "tview 2pc catch-up" in proxy.logs()  # the recovery pass did it
+        assert wait_until(lambda: "tview 2pc catch-up" in proxy.logs(), timeout=10)  # recovery
         oracle(pg)
     finally:
         proxy.stop()
