@@ -68,3 +68,13 @@ def test_errors_abort_the_transaction(pg: Any, fixture_f: Any) -> None:
         c.rollback()
         assert c.execute("SELECT count(*) FROM tvproxy.tview").fetchone()[0] == 3
     oracle(pg)
+
+
+def test_drop_several_names_naming_every_dependent(pg: Any, fixture_f: Any) -> None:
+    with psycopg.connect(fixture_f.dsn("app"), autocommit=True) as c:
+        with pytest.raises(psycopg.errors.DependentObjectsStillExist):
+            c.execute("DROP TABLE tv_company, tv_user")  # tv_post still reads v_user
+        c.execute("DROP TABLE tv_company, tv_user, tv_post")
+        assert c.execute("SELECT count(*) FROM tvproxy.tview").fetchone()[0] == 0
+        for rel in ("tv_post", "v_post", "tv_company", "v_company"):
+            assert not _exists(c, rel)

@@ -149,8 +149,8 @@ async def drop_tviews(conn: Any, ddl: str | DropTviews, schema: str = DEFAULT_SC
             entry = catalog[name]
             if entry.entity in dropped:
                 continue
-            users = [e for e in catalog.values()
-                     if entry.entity in e.depends_on and e.entity not in dropped]
+            users = [e for e in catalog.values() if entry.entity in e.depends_on
+                     and e.entity not in dropped and e.table_name not in stmt.tables]
             if users and not stmt.cascade:
                 raise TviewError(
                     "2BP01", f'cannot drop TVIEW {name} because TVIEW {users[0].table_name} '
