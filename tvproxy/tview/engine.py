@@ -304,6 +304,7 @@ class TviewSession:
         self.opaque_tables: list[str] = []
         self.reload_after = False
         self.committed_prepared: list[str] = []  # COMMIT PREPARED gids to catch up after
+        self.flushed: set[str] = set()  # entities read-your-writes refreshed in this transaction
         self.txn = 0
 
     # --- recording keys --------------------------------------------------------------------
@@ -696,9 +697,24 @@ class TviewSession:
             check = reject_sql()
             plan = RefreshPlan((), (check,), ((),)) if plan is None else RefreshPlan(
                 plan.entities, (check, *plan.statements), ((), *plan.params))
+        if not flush and self.flushed:  # read-your-writes refreshed these before
+            if plan is None:
+                self._count_commit(list(self.flushed), total=True)
+            else:
+                self._count_commit([e for e in self.flushed if e not in plan.entities])
         if plan is not None:
             msgs, new = plan_messages(plan, self.client.server)
             pre.append((msgs + B.SYNC, (plan, time.monotonic(), flush, new)))
+
+    def _count_commit(self, entities: list[str], total: bool = False) -> None:
+        """Commits refreshing each entity count once per transaction, whether the COMMIT's
+        plan or read-your-writes flushes before it did the work."""
+        db = self.client.database
+        if total:
+            self.engine.commits += 1
+            self.engine.stat(db, "*").commits += 1
+        for e in entities:
+            self.engine.stat(db, e).commits += 1
 
     def _end_transaction(self) -> None:
         self.tracker.reset()
@@ -706,6 +722,7 @@ class TviewSession:
         self.span = None
         self.opaque_tables = []
         self.failed = False
+        self.flushed = set()
         self.txn += 1
 
     def ready(self, client: ClientSession, status: bytes) -> list[bytes] | None:
@@ -794,9 +811,10 @@ class TviewSession:
         if error is not None:
             total.errors += 1
             return False
-        if not flush:
-            self.engine.commits += 1
-            total.commits += 1
+        if flush:
+            self.flushed.update(plan.entities)
+        else:
+            self._count_commit([], total=True)
         # rows: keys statement (one row, one count per entity), lock count, one row per TVIEW
         counts = rows[0] if rows else []
         refreshed = rows[2:]
