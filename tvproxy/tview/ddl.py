@@ -178,7 +178,10 @@ async def load_runtime(conn: Any, schema: str = DEFAULT_SCHEMA) -> RuntimeCatalo
             base = await _base_table(conn, src_schema, name)
             if base is not None:
                 tables[name] = base
-    return build_runtime(entries, tables)
+    rt = build_runtime(entries, tables)
+    version = getattr(conn, "get_server_version", None)  # asyncpg
+    rt.server_version = version().major if version is not None else 0
+    return rt
 
 
 async def refresh_full(conn: Any, entity: str | None = None,

@@ -26,6 +26,7 @@ from tvproxy.tview.analyze import CreateTview, DropTviews, TviewError, parse_tvi
 from tvproxy.tview.capture import WriteCapture, capture
 from tvproxy.tview.model import RuntimeCatalog
 from tvproxy.tview.planner import ALL_KEYS, RefreshPlan, plan_refresh
+from tvproxy.tview.returning_hooks import ReturningHooks
 from tvproxy.tview.tracker import TransactionTracker
 from tvproxy.tview.txcontrol import TxKind, classify
 
@@ -167,8 +168,9 @@ class TviewEngine:
         return st
 
 
-class TviewSession:
-    """The hooks of one client: its transaction's keys and what to inject."""
+class TviewSession(ReturningHooks):
+    """The hooks of one client: its transaction's keys and what to inject (appended RETURNING
+    for writes whose keys the text does not name: tview/returning_hooks.py)."""
 
     def __init__(self, engine: TviewEngine, client: ClientSession) -> None:
         self.engine = engine
@@ -180,6 +182,7 @@ class TviewSession:
         self.stmts: dict[bytes, tuple[WriteCapture, ...]] = {}
         self.inflight: list[tuple[RefreshPlan, float, bool]] = []
         self.started = 0.0
+        self._init_returning()
 
     # --- recording keys --------------------------------------------------------------------
 
@@ -260,6 +263,8 @@ class TviewSession:
                    cat: RuntimeCatalog) -> tuple[WriteCapture, ...]:
         """What every statement text goes through (Query or Parse): flush for reads of tv_
         tables, transaction control, and the tracked writes it makes."""
+        if self.ret_live:  # rewritten statements whose keys have not all arrived yet
+            self._returning_plan_point(sql, cat)
         self._read_your_writes(sql, pre, cat)
         self._tx_commands(sql, pre, cat)
         try:
@@ -276,7 +281,12 @@ class TviewSession:
         pre: list[tuple[bytes, object]] = []
         writes = self._statement(text.decode("utf-8", "replace"), pre, cat)
         self.hold = not any(w.op == "copy" for w in writes)  # COPY data must still flow
+        rw = self.ret_query = self._returning_rewrite(client, text, writes, cat) if writes \
+            else None
         for w in writes:
+            if rw is not None:  # keys come back in the appended RETURNING
+                self._touch_returning(cat, w, rw)
+                continue
             keys = None if w.keys is None or any(k.param is not None for k in w.keys) else [
                 k.value for k in w.keys]
             self._touch(cat, w, keys, pre)

@@ -43,6 +43,9 @@ class RuntimeCatalog:
     full_on: dict[str, list[str]] = field(default_factory=dict)  # base entity -> full TVIEWs
     # child entity -> (parent entity, SELECT of the parent keys of children $1) before a write
     preimage: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    # child entity -> (parent entity, the child's fk column the parent aggregates by)
+    aggregations: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    server_version: int = 0  # major version of the database's server (0: not known)
 
     @property
     def empty(self) -> bool:
@@ -88,6 +91,9 @@ def build_runtime(entries: Sequence[CatalogEntry], tables: Mapping[str, BaseTabl
                     (entity, f"SELECT {q(rule['column'])} FROM {q(child.schema)}.{q(child.name)}"
                              f" WHERE {q(child.pk)} IN ({{keys}})"))
                 cat.aggregated_into.setdefault(entity, []).append(entry.entity)
+                pair = (entry.entity, rule["column"])
+                if pair not in cat.aggregations.get(entity, ()):
+                    cat.aggregations[entity] = (*cat.aggregations.get(entity, ()), pair)
                 cat.preimage.setdefault(entity, []).append(
                     (entry.entity, f"SELECT {q(rule['column'])}::text FROM "
                                    f"{q(child.schema)}.{q(child.name)} WHERE {q(child.pk)} ="
