@@ -319,3 +319,44 @@ def test_failed_rewritten_statement(pg: Any, fixture_f: Any) -> None:
         c.execute("UPDATE tb_post SET title = 'tx2' WHERE title LIKE 'P2%'")
         c.commit()
         oracle(pg)
+
+
+def test_pipelined_commit_before_old_parents_arrive(pg: Any, fixture_f: Any) -> None:
+    """Known keys whose old parents come back later (a pre-image before PostgreSQL 18, the
+    appended RETURNING on 18): a COMMIT pipelined behind them still refreshes those parents."""
+    with psycopg.connect(fixture_f.dsn("app")) as c:
+        with c.pipeline():
+            c.execute("DELETE FROM tb_comment WHERE pk_comment = %s", (1,))
+            c.execute("UPDATE tb_comment SET fk_post = %s WHERE pk_comment = %s", (3, 2))
+            c.commit()
+        oracle(pg)
+
+
+def test_upserts_that_move_rows(pg: Any, fixture_f: Any) -> None:
+    with psycopg.connect(fixture_f.dsn("app"), autocommit=True) as c:
+        c.execute("INSERT INTO tb_comment (pk_comment, fk_post, text) VALUES (1, 2, 'x') "
+                  "ON CONFLICT (pk_comment) DO UPDATE SET fk_post = excluded.fk_post")
+        oracle(pg)  # the old parent lost its comment
+        c.execute("INSERT INTO tb_comment (pk_comment, fk_post, text) VALUES (%s, 3, 'y') "
+                  "ON CONFLICT (pk_comment) DO UPDATE SET fk_post = excluded.fk_post", (2,))
+        oracle(pg)
+        c.execute("INSERT INTO tb_post (pk_post, fk_user, title) VALUES (1, 2, 'z') "
+                  "ON CONFLICT (pk_post) DO UPDATE SET pk_post = 30")
+        oracle(pg)  # the new pk is not in the statement
+        c.execute("INSERT INTO tb_comment (pk_comment, fk_post, text) SELECT pk_comment, 2, 'w' "
+                  "FROM tb_comment ON CONFLICT (pk_comment) DO UPDATE SET fk_post = 30")
+        oracle(pg)
+
+
+def test_statement_prepared_by_another_client(pg: Any, fixture_f: Any) -> None:
+    """A Parse the proxy could answer without a server (the statement is known) still goes
+    through the engine when it writes a tracked table."""
+    with psycopg.connect(fixture_f.dsn("app"), autocommit=True) as a, \
+            psycopg.connect(fixture_f.dsn("app"), autocommit=True) as b:
+        for conn, title in ((a, "A"), (b, "B")):
+            conn.execute("UPDATE tb_post SET title = %s WHERE pk_post = %s", (title, 1),
+                         prepare=True)
+            oracle(pg)
+            conn.execute("UPDATE tb_post SET title = title || %s WHERE title LIKE %s",
+                         (title, "P%"), prepare=True)
+            oracle(pg)

@@ -413,7 +413,8 @@ class ClientSession(asyncio.Protocol):
                             continue
                     expect.append(EXP_EXT)
                 elif mtype == 0x50:  # named Parse
-                    body = bytes(buf[start + 5:end])
+                    body = bytes(buf[start + 5:end]) if self.tview is not None \
+                        or self.prepared_mapping else b""
                     new = None
                     if self.tview is not None:
                         name, sql, _ = D.parse_message(body)

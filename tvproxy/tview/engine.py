@@ -190,7 +190,8 @@ class TviewSession(ReturningHooks):
                pre: list[tuple[bytes, object]]) -> None:
         tracker = self.tracker
         tracker.touch(w.entity, keys if keys is not None else [ALL_KEYS])
-        old_values_needed = w.op != "insert" and (w.op != "update" or w.assigns_key_columns)
+        # an upsert's DO UPDATE moves children too
+        old_values_needed = w.op not in ("insert", "update") or w.assigns_key_columns
         parents = cat.aggregated_into.get(w.entity, ())
         if parents and old_values_needed:
             if keys is None:
@@ -263,7 +264,7 @@ class TviewSession(ReturningHooks):
                    cat: RuntimeCatalog) -> tuple[WriteCapture, ...]:
         """What every statement text goes through (Query or Parse): flush for reads of tv_
         tables, transaction control, and the tracked writes it makes."""
-        if self.ret_live:  # rewritten statements whose keys have not all arrived yet
+        if self.ret_live or self.inflight:  # keys that have not all arrived yet
             self._returning_plan_point(sql, cat)
         self._read_your_writes(sql, pre, cat)
         self._tx_commands(sql, pre, cat)

@@ -87,16 +87,21 @@ class ReturningHooks:
         w = writes[0]
         if w.op not in ("insert", "update", "delete"):
             return None
+        pg18 = cat.server_version >= 18
         if w.keys is not None and not any(k.array for k in w.keys):
-            return None  # keys from the text or from bound parameters
+            # keys from the text or from bound parameters; on PostgreSQL 18 old values come
+            # back too, instead of a pre-image or of refreshing every row for a new pk
+            moves = bool(cat.aggregated_into.get(w.entity)) and (
+                w.op == "delete" or w.assigns_key_columns)
+            if not pg18 or not (moves or w.assigns_pk):
+                return None
         table = next((t for t in cat.tracked if t.name == w.table), None)
         if table is None:
             return None
         sql = self._plain_text(client, text)
         if sql is None:
             return None
-        return rewrite_returning(sql, table, cat.aggregations.get(w.entity, ()),
-                                 cat.server_version >= 18)
+        return rewrite_returning(sql, table, cat.aggregations.get(w.entity, ()), pg18)
 
     def _touch_returning(self, cat: RuntimeCatalog, w: WriteCapture,
                          rw: ReturningRewrite) -> None:
@@ -119,9 +124,11 @@ class ReturningHooks:
     def parse_returning(self, client: ClientSession, name: bytes, text: bytes) -> bytes | None:
         """After ``parse``: the statement text to prepare instead of ``text``, or None."""
         writes = self.stmts.get(name)
-        cat = self.engine.catalog(client.database)
-        rw = self._returning_rewrite(client, text, writes, cat) if writes and not cat.empty \
-            else None
+        rw = None
+        if writes:
+            cat = self.engine.catalog(client.database)
+            if not cat.empty:
+                rw = self._returning_rewrite(client, text, writes, cat)
         if rw is None:
             if self.rewritten:
                 self.rewritten.pop(name, None)
@@ -215,11 +222,14 @@ class ReturningHooks:
 
     def _returning_plan_point(self, sql: str, cat: RuntimeCatalog) -> None:
         """Before a statement is recorded: if it makes a plan (or a savepoint) while rewritten
-        statements are in flight, their keys are unknown from here on."""
-        self._prune()
+        statements (or pre-images of old parents) are in flight, their keys are unknown from
+        here on."""
+        if self.ret_live:
+            self._prune()
         flying = [s for s in self.ret_live
                   if not s.describe and not s.abandoned]  # type: ignore[attr-defined]
-        if not flying:
+        parents = [m for m in self.inflight if isinstance(m, str)]  # type: ignore[attr-defined]
+        if not flying and not parents:
             return
         low = sql.lower()
         if not any(c is not None for c in classify(sql)) and not any(
@@ -230,4 +240,6 @@ class ReturningHooks:
             for entity in s.rewrite.entities:  # type: ignore[attr-defined]
                 tracker.touch(entity, [ALL_KEYS])
             s.abandoned = True  # type: ignore[attr-defined]
+        for parent in parents:
+            tracker.touch(parent, [ALL_KEYS])
         tracker.statement_succeeded()
