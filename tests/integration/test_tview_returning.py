@@ -360,3 +360,59 @@ def test_statement_prepared_by_another_client(pg: Any, fixture_f: Any) -> None:
             conn.execute("UPDATE tb_post SET title = title || %s WHERE title LIKE %s",
                          (title, "P%"), prepare=True)
             oracle(pg)
+
+
+async def test_asyncpg_cursor_leaves_rows_unread(pg: Any, fixture_f: Any) -> None:
+    """A portal read with a row limit: the statement ran to completion, the keys of the rows
+    never fetched are unknown, so its TVIEWs are refreshed fully."""
+    conn = await asyncpg.connect(fixture_f.url("app"))
+    try:
+        async with conn.transaction():
+            cur = await conn.cursor("UPDATE tb_post SET title = title || '!' WHERE title LIKE "
+                                    "'P%' RETURNING pk_post, title")
+            first = await cur.fetch(1)
+            assert len(first) == 1 and first[0]["title"].endswith("!")
+        oracle(pg)
+        async with conn.transaction():
+            got = [r async for r in conn.cursor("DELETE FROM tb_comment WHERE text LIKE 'c%' "
+                                                "RETURNING pk_comment", prefetch=1)]
+            assert sorted(r["pk_comment"] for r in got) == [1, 2]
+        oracle(pg)
+    finally:
+        await conn.close()
+
+
+def test_read_your_writes_after_a_rewritten_statement(pg: Any, fixture_f: Any) -> None:
+    with psycopg.connect(fixture_f.dsn("app")) as c:
+        c.execute("UPDATE tb_user SET name = 'Z' WHERE name = 'Alice'")
+        assert c.execute("SELECT data->>'name' FROM tv_user WHERE pk_user = 1").fetchone() == (
+            "Z",)
+        assert c.execute("SELECT data->'author'->>'name' FROM tv_post WHERE pk_post = 1"
+                         ).fetchone() == ("Z",)
+        c.execute("UPDATE tb_user SET name = name || '2' WHERE name = 'Z'")
+        c.commit()
+        oracle(pg)
+
+
+@pytest.mark.parametrize("proxy_settings", [{"pool_mode": "session"},
+                                            {"max_prepared_statements": 0}])
+async def test_without_statement_mapping(pg: Any, fixture_f: Any, proxy_factory: Any,
+                                         proxy_settings: dict[str, Any]) -> None:
+    """Named statements go to the server as the client named them: rewritten text and all."""
+    other = proxy_factory(proxy=proxy_settings, tview={"enabled": True})
+    conn = await asyncpg.connect(other.url("app"))
+    try:
+        stmt = await conn.prepare("UPDATE tb_post SET title = title || $1 WHERE title LIKE $2 "
+                                  "RETURNING title")
+        assert [a.name for a in stmt.get_attributes()] == ["title"]
+        assert sorted(r[0] for r in await stmt.fetch("!", "P%")) == ["P1!", "P2!", "P3!"]
+        oracle(pg)
+        assert await conn.execute("DELETE FROM tb_comment WHERE text = $1", "c1") == "DELETE 1"
+        oracle(pg)
+    finally:
+        await conn.close()
+    with psycopg.connect(other.dsn("app"), autocommit=True) as c:
+        cur = c.execute("UPDATE tb_post SET title = %s WHERE title LIKE %s", ("t", "P1%"),
+                        prepare=True)
+        assert cur.description is None and cur.rowcount == 1
+        oracle(pg)

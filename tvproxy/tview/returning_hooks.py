@@ -65,14 +65,16 @@ class ReturningHooks:
     def _plain_text(client: ClientSession, text: bytes) -> str | None:
         """The statement as text the rewrite may print back, or None (it may not)."""
         params = client.params
-        if params.get("standard_conforming_strings", "on") != "on":
+        server = client.server.params if client.server is not None else {}
+
+        def setting(key: str) -> str | None:
+            return params.get(key) or server.get(key)
+
+        if (setting("standard_conforming_strings") or "on") != "on":
             return None  # pglast reads string literals as PostgreSQL does with it on
         if text.isascii():
             return text.decode()
-        enc = params.get("client_encoding")
-        if enc is None and client.server is not None:
-            enc = client.server.params.get("client_encoding")
-        if (enc or "").upper() not in _UTF8:
+        if (setting("client_encoding") or "").upper() not in _UTF8:
             return None
         try:
             return text.decode()
@@ -231,9 +233,9 @@ class ReturningHooks:
         parents = [m for m in self.inflight if isinstance(m, str)]  # type: ignore[attr-defined]
         if not flying and not parents:
             return
-        low = sql.lower()
-        if not any(c is not None for c in classify(sql)) and not any(
-                t in low for t in cat.tv_tables):
+        if not any(c is not None for c in classify(sql)) and not (
+                self.engine.cfg.read_your_writes and any(t in sql.lower()
+                                                         for t in cat.tv_tables)):
             return
         tracker = self.tracker
         for s in flying:
