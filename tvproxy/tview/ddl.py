@@ -199,9 +199,9 @@ async def refresh_full(conn: Any, entity: str | None = None,
             plan = plan_refresh({e: rt.specs[e]}, [e], {e: {ALL_KEYS}}, rt.key_types,
                                 DEFAULT_LOCK_NAMESPACE, all_keys=rt.all_keys)
             assert plan is not None
-            await conn.fetch(plan.statements[0])
-            await conn.fetch(plan.statements[1])
-            row = await conn.fetchrow(plan.statements[2])
+            for sql, params in zip(plan.statements[:-1], plan.params[:-1], strict=True):
+                await conn.fetch(sql, *params)
+            row = await conn.fetchrow(plan.statements[-1])
             out[e] = (row["upserted"], row["deleted"])
     return out
 
