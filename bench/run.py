@@ -60,6 +60,7 @@ _TPS_RE = re.compile(r"^tps = ([0-9.]+) \((?:without|excluding) initial connecti
 _LAT_RE = re.compile(r"^latency average = ([0-9.]+) ms", re.M)
 _XACTS_RE = re.compile(r"^number of transactions actually processed: (\d+)", re.M)
 _FAILED_RE = re.compile(r"^number of failed transactions: (\d+)", re.M)
+_RETRIED_RE = re.compile(r"^number of transactions retried: (\d+)", re.M)
 
 
 class BenchError(RuntimeError):
@@ -121,6 +122,7 @@ class Target:
     proc: subprocess.Popen[Any] | None = None
     log: Path | None = None
     dead: str | None = None  # why it can no longer be measured
+    dbname: str = DBNAME  # the database pgbench connects to through this target
 
     def alive(self) -> bool:
         if self.proc is None:
@@ -141,7 +143,8 @@ class Bench:
 
     # ---- setup
 
-    def start(self) -> None:
+    def start_cluster(self) -> TempCluster:
+        """The throwaway cluster and the temp dir the poolers' files go in."""
         a = self.args
         print("starting PostgreSQL ...", flush=True)
         self.cluster = TempCluster(settings={"max_connections": max(200, max(a.clients) + 50)})
@@ -157,7 +160,11 @@ class Bench:
         os.chmod(self.workdir, 0o755)
         if self.run_as:
             os.chown(self.workdir, *self.run_as)
+        return c
 
+    def start(self) -> None:
+        a = self.args
+        c = self.start_cluster()
         self.psql(c.port, "postgres", f"CREATE DATABASE {DBNAME}")
         print(f"pgbench -i -s {a.scale} ...", flush=True)
         self.run_checked(
@@ -191,7 +198,7 @@ class Bench:
         p = Path(self.cluster.bin("pgbench"))
         return str(p) if p.is_file() else (shutil.which("pgbench") or "pgbench")
 
-    def psql(self, port: int, db: str, sql: str) -> str:
+    def psql(self, port: int, db: str, sql: str, timeout: float = 60) -> str:
         assert self.cluster is not None
         return self.run_checked(
             [
@@ -212,7 +219,7 @@ class Bench:
                 "-c",
                 sql,
             ],
-            timeout=60,
+            timeout=timeout,
         ).strip()
 
     def run_checked(self, argv: list[str], timeout: float) -> str:
@@ -246,13 +253,15 @@ class Bench:
                 **kwargs,
             )
 
-    def start_pgbouncer(self) -> Target:
+    def start_pgbouncer(
+        self, name: str = "pgbouncer", databases: tuple[str, ...] = (DBNAME,)
+    ) -> Target:
         assert self.cluster is not None and self.workdir is not None
         exe = self.args.pgbouncer
         if not Path(exe).is_file():
             print("pgbouncer not found: apt-get install -y pgbouncer", flush=True)
             subprocess.run(["apt-get", "install", "-y", "pgbouncer"], check=True)
-        d = self.workdir / "pgbouncer"
+        d = self.workdir / name
         d.mkdir()
         port = free_port()
         (d / "userlist.txt").write_text(f'"{USER}" ""\n')
@@ -262,8 +271,11 @@ class Bench:
             "\n".join(
                 [
                     "[databases]",
-                    f"{DBNAME} = host={self.cluster.host} port={self.cluster.port} "
-                    f"dbname={DBNAME} user={USER}",
+                    *(
+                        f"{db} = host={self.cluster.host} port={self.cluster.port} "
+                        f"dbname={db} user={USER}"
+                        for db in databases
+                    ),
                     "",
                     "[pgbouncer]",
                     "listen_addr = 127.0.0.1",
@@ -288,14 +300,20 @@ class Bench:
         stdout_log = d / "pgbouncer.stdout"
         proc = self._spawn([exe, str(ini)], stdout_log, as_postgres=True)
         # Registered before waiting, so that stop() finds it whatever happens next.
-        self.targets["pgbouncer"] = t = Target("pgbouncer", "127.0.0.1", port, proc, log)
-        _wait_port("127.0.0.1", port, proc, "pgbouncer", stdout_log)
+        self.targets[name] = t = Target(name, "127.0.0.1", port, proc, log, dbname=databases[0])
+        _wait_port("127.0.0.1", port, proc, name, stdout_log)
         print(f"  PgBouncer on 127.0.0.1:{port} (pool size {self.args.pool_size})", flush=True)
         return t
 
-    def start_tvproxy(self) -> Target:
+    def start_tvproxy(
+        self,
+        name: str = "tvproxy",
+        databases: tuple[str, ...] = (DBNAME,),
+        tview: dict[str, Any] | None = None,
+    ) -> Target:
+        """tvproxy in front of the cluster; ``tview`` becomes its ``[tview]`` section."""
         assert self.cluster is not None and self.workdir is not None
-        d = self.workdir / "tvproxy"
+        d = self.workdir / name
         d.mkdir()
         port = free_port()
         toml = d / "tvproxy.toml"
@@ -315,12 +333,20 @@ class Bench:
                     "[admin]",
                     f'admin_users = ["{USER}"]',
                     "",
-                    f"[databases.{DBNAME}]",
-                    f'host = "{self.cluster.host}"',
-                    f"port = {self.cluster.port}",
-                    f'dbname = "{DBNAME}"',
-                    f'user = "{USER}"',
-                    "",
+                    *(_toml_section("tview", tview) if tview is not None else []),
+                    *(
+                        line
+                        for db in databases
+                        for line in _toml_section(
+                            f"databases.{db}",
+                            {
+                                "host": self.cluster.host,
+                                "port": self.cluster.port,
+                                "dbname": db,
+                                "user": USER,
+                            },
+                        )
+                    ),
                 ]
             )
         )
@@ -340,9 +366,9 @@ class Bench:
             log,
             as_postgres=False,
         )
-        self.targets["tvproxy"] = t = Target("tvproxy", "127.0.0.1", port, proc, log)
-        _wait_port("127.0.0.1", port, proc, "tvproxy", log)
-        print(f"  tvproxy on 127.0.0.1:{port} (pool size {self.args.pool_size})", flush=True)
+        self.targets[name] = t = Target(name, "127.0.0.1", port, proc, log, dbname=databases[0])
+        _wait_port("127.0.0.1", port, proc, name, log)
+        print(f"  {name} on 127.0.0.1:{port} (pool size {self.args.pool_size})", flush=True)
         return t
 
     # ---- measuring
@@ -350,10 +376,16 @@ class Bench:
     def pgbench_run(
         self, target: Target, builtin: str, mode: str, clients: int, duration: int
     ) -> dict[str, Any]:
+        return self.pgbench_exec(target, [f"-{builtin}"], mode, clients, duration)
+
+    def pgbench_exec(
+        self, target: Target, workload: list[str], mode: str, clients: int, duration: int
+    ) -> dict[str, Any]:
+        """One pgbench -T run; ``workload`` is ``["-S"]``, ``["-f", script, "-D", ...]``, ..."""
         assert self.cluster is not None
         argv = [
             self.pgbench,
-            f"-{builtin}",
+            *workload,
             "-n",
             "-M",
             mode,
@@ -369,7 +401,7 @@ class Bench:
             str(target.port),
             "-U",
             USER,
-            DBNAME,
+            target.dbname,
         ]
         started = time.time()
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
@@ -405,6 +437,7 @@ class Bench:
             "latency_ms": float(lm.group(1)) if (lm := _LAT_RE.search(stdout)) else None,
             "transactions": int(xm.group(1)) if (xm := _XACTS_RE.search(stdout)) else None,
             "failed_transactions": int(failed.group(1)) if failed else None,
+            "retried": int(rm.group(1)) if (rm := _RETRIED_RE.search(stdout)) else None,
             "returncode": rc,
             "wall_s": round(time.time() - started, 2),
             "loadavg_1m_after": round(os.getloadavg()[0], 2),
@@ -500,11 +533,9 @@ class Bench:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
         _stop_proc(self.current, signal.SIGINT)
-        for name in ("tvproxy", "pgbouncer"):
-            t = self.targets.get(name)
-            if t is not None:
-                # SIGINT: PgBouncer's and tvproxy's "finish transactions, then exit".
-                _stop_proc(t.proc, signal.SIGINT)
+        for t in reversed(list(self.targets.values())):
+            # SIGINT: PgBouncer's and tvproxy's "finish transactions, then exit".
+            _stop_proc(t.proc, signal.SIGINT)
         if self.cluster is not None:
             self.cluster.stop()
         if self.workdir is not None:
@@ -571,6 +602,39 @@ def _cpu_model() -> str | None:
 
 def _indent(s: str, pad: str = "      ") -> str:
     return "\n".join(pad + line for line in s.splitlines())
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return str(v)
+    return json.dumps(str(v))  # a JSON string is a valid TOML basic string
+
+
+def _toml_section(name: str, values: dict[str, Any]) -> list[str]:
+    return [f"[{name}]", *(f"{k} = {_toml_value(v)}" for k, v in values.items()), ""]
+
+
+def install_signal_handlers() -> None:
+    """Ctrl-C, SIGTERM and SIGHUP raise KeyboardInterrupt, so cleanup runs."""
+
+    def on_term(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    # SIGINT too: a shell starts background jobs with SIGINT ignored, and Python then leaves it so.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_term)
+
+
+def report_failure(bench: Bench, exc: BaseException) -> None:
+    """A failed setup or run: say why, with the poolers' and PostgreSQL's log tails."""
+    print(f"\nbenchmark failed: {exc}", file=sys.stderr, flush=True)
+    for t in bench.targets.values():
+        if t.log is not None:
+            print(f"--- {t.name} log tail:\n{_tail(t.log)}", file=sys.stderr)
+    if bench.cluster is not None:
+        print(f"--- PostgreSQL log tail:\n{bench.cluster.log_tail()}", file=sys.stderr)
 
 
 # -- statistics and reporting -------------------------------------------------------------------
@@ -893,13 +957,7 @@ def main(argv: list[str] | None = None) -> int:
         args.targets = ["direct", *args.targets]  # the cluster is always there; ratios need it
     command = "python bench/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
 
-    def on_term(signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    # SIGINT too: a shell starts background jobs with SIGINT ignored, and Python then leaves it so.
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, on_term)
-
+    install_signal_handlers()
     started = dt.datetime.now(dt.UTC)
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     bench = Bench(args)
@@ -918,12 +976,7 @@ def main(argv: list[str] | None = None) -> int:
         bench.stop()
         return 130
     except BaseException as e:
-        print(f"\nbenchmark failed: {e}", file=sys.stderr, flush=True)
-        for t in bench.targets.values():
-            if t.log is not None:
-                print(f"--- {t.name} log tail:\n{_tail(t.log)}", file=sys.stderr)
-        if bench.cluster is not None:
-            print(f"--- PostgreSQL log tail:\n{bench.cluster.log_tail()}", file=sys.stderr)
+        report_failure(bench, e)
         bench.stop()
         return 1
     bench.stop()

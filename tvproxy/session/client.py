@@ -96,6 +96,9 @@ class ClientSession(asyncio.Protocol):
         self.tv_deferred = False  # the client's ReadyForQuery waits for the injected COMMIT
         self.inject_rows: list = []
         self.inject_error: bytes | None = None
+        self.inject_batch_error: bytes | None = None  # the error of the batch being read
+        self.inject_desc: bytes | None = None
+        self.inject_tag: bytes | None = None
         self.strip_row: bytearray | None = None  # a big DataRow to strip, until it is whole
         self.strip_len = 0
         self._startup = bytearray()
@@ -495,6 +498,15 @@ class ClientSession(asyncio.Protocol):
             self.expect.append(EXP_INJECT)
         return run
 
+    def inject_now(self, batch: bytes) -> bool:
+        """Send the engine's batch on the linked server now (the client is held); its replies
+        go to the engine.  False when no server is linked."""
+        if self.server is None:
+            return False
+        self.server.write(batch)
+        self.expect.append(EXP_INJECT)
+        return True
+
     def ddl_done(self, replies: bytes) -> None:
         """The engine ran TVIEW DDL for this client: answer it, free the server, go on."""
         self.write(replies)
@@ -766,6 +778,13 @@ class ClientSession(asyncio.Protocol):
                             self.tv_deferred = True
                             self.holding = self.tv_hold = True  # nothing runs before COMMIT
                             continue
+                        if self.tview.hold_ready(self, status):
+                            # the engine sends this ReadyForQuery itself, later (ddl_done)
+                            run = self._flush_run(out, buf, run, start)
+                            self.holding = True
+                            if status == b"I" and self.pool.pool_mode != "session":
+                                release = True
+                            continue
                         if self.tv_hold:
                             self.tv_hold = False
                             self.holding = False
@@ -858,8 +877,14 @@ class ClientSession(asyncio.Protocol):
         if head == EXP_INJECT:
             if mtype == 0x44:  # DataRow
                 self.inject_rows.append(D.data_row(bytes(buf[start + 5:end])))
-            elif mtype == 0x45 and self.inject_error is None:
-                self.inject_error = bytes(buf[start:end])
+            elif mtype == 0x54:  # RowDescription, CommandComplete: for the engine's own talk
+                self.inject_desc = bytes(buf[start + 5:end])
+            elif mtype == 0x43:
+                self.inject_tag = D.command_tag(bytes(buf[start + 5:end]))
+            elif mtype == 0x45 and self.inject_batch_error is None:
+                self.inject_batch_error = bytes(buf[start:end])
+                if self.inject_error is None:
+                    self.inject_error = self.inject_batch_error
             elif mtype == 0x53:
                 self._parameter_status(server, bytes(buf[start + 5:end]))
                 out.append(bytes(buf[start:end]))
@@ -870,11 +895,15 @@ class ClientSession(asyncio.Protocol):
             status = buf[start + 5:start + 6]
             server.status = status
             expect.popleft()
-            error = self.inject_error
+            own = self.inject_batch_error
+            self.inject_batch_error = None
             if self.tview is not None:
-                fields = D.error_fields(error[5:]) if error is not None else None
-                self.tview.injected(self.inject_rows, fields)
+                fields = D.error_fields(own[5:]) if own is not None else None
+                if self.tview.injected(self.inject_rows, fields) and own is self.inject_error:
+                    self.inject_error = None  # the engine's own affair (an audit)
+            error = self.inject_error
             self.inject_rows = []
+            self.inject_desc = self.inject_tag = None
             if expect and expect[0] == EXP_INJECT:
                 return 0
             if self.tv_deferred and not expect:

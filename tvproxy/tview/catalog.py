@@ -70,9 +70,17 @@ class CatalogEntry:
 
 async def ensure_catalog(conn: Any, schema: str, lock_namespace: int) -> None:
     """Create the catalog if missing, in the connection's current transaction if one is open."""
-    async with conn.transaction():
-        for sql in catalog_ddl(schema, lock_namespace):
-            await conn.execute(sql)
+    for attempt in (1, 2):
+        try:
+            async with conn.transaction():
+                for sql in catalog_ddl(schema, lock_namespace):
+                    await conn.execute(sql)
+            return
+        except Exception as exc:
+            # another instance created it while this one waited for the advisory lock, and
+            # this backend had not yet seen that in its catalog caches: once more
+            if attempt == 2 or getattr(exc, "sqlstate", None) not in ("23505", "42P06", "42P07"):
+                raise
 
 
 async def load_catalog(conn: Any, schema: str) -> list[CatalogEntry]:

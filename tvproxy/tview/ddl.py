@@ -33,6 +33,7 @@ from tvproxy.tview.catalog import (
     view_sources,
 )
 from tvproxy.tview.model import BaseTable, RuntimeCatalog, build_runtime
+from tvproxy.tview.opaque import OpaqueFacts
 
 DEFAULT_SCHEMA = "tvproxy"
 DEFAULT_LOCK_NAMESPACE = 0x7476
@@ -178,10 +179,38 @@ async def load_runtime(conn: Any, schema: str = DEFAULT_SCHEMA) -> RuntimeCatalo
             base = await _base_table(conn, src_schema, name)
             if base is not None:
                 tables[name] = base
-    rt = build_runtime(entries, tables)
-    version = getattr(conn, "get_server_version", None)  # asyncpg
-    rt.server_version = version().major if version is not None else 0
+    opaque = await _opaque_facts(conn, schema) if entries else None
+    rt = build_runtime(entries, tables, opaque=opaque)
+    rt.server_version = int(await conn.fetchval(
+        "SELECT current_setting('server_version_num')")) // 10000
     return rt
+
+
+# Volatile functions and procedures an application defined (not the system's, not extensions'):
+# a statement calling one may write anything.
+_FUNCTIONS_SQL = """
+SELECT DISTINCT lower(p.proname) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', $1) AND n.nspname NOT LIKE 'pg\\_%'
+  AND p.provolatile = 'v' AND p.prokind IN ('f', 'p') AND p.prorettype <> 'trigger'::regtype
+  AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_proc'::regclass
+                  AND d.objid = p.oid AND d.deptype = 'e')
+"""
+# Tables whose writes run more than the statement: user triggers, or a foreign key that
+# cascades (ON DELETE/UPDATE CASCADE, SET NULL, SET DEFAULT) points at them.
+_TRIGGER_TABLES_SQL = """
+SELECT lower(c.relname) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+WHERE NOT t.tgisinternal
+UNION
+SELECT lower(c.relname) FROM pg_constraint k JOIN pg_class c ON c.oid = k.confrelid
+WHERE k.contype = 'f' AND (k.confdeltype IN ('c', 'n', 'd') OR k.confupdtype IN ('c', 'n', 'd'))
+"""
+
+
+async def _opaque_facts(conn: Any, schema: str) -> OpaqueFacts:
+    functions = frozenset(r[0] for r in await conn.fetch(_FUNCTIONS_SQL, schema))
+    tables = frozenset(r[0] for r in await conn.fetch(_TRIGGER_TABLES_SQL))
+    track = await conn.fetchval("SELECT current_setting('track_counts')::bool")
+    return OpaqueFacts(functions, tables, bool(track))
 
 
 async def refresh_full(conn: Any, entity: str | None = None,

@@ -10,6 +10,8 @@ plan + COMMIT in one round trip).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
 import time
 import uuid
 from collections.abc import Hashable
@@ -23,11 +25,21 @@ from tvproxy.log import get_logger
 from tvproxy.protocol import build as B
 from tvproxy.protocol import decode as D
 from tvproxy.tview.analyze import CreateTview, DropTviews, TviewError, parse_tview_ddl
+from tvproxy.tview.analyze import quote_ident as q
 from tvproxy.tview.capture import WriteCapture, capture
+from tvproxy.tview.conversation import Reply, ServerConversation, ServerError, row_description
 from tvproxy.tview.model import RuntimeCatalog
-from tvproxy.tview.planner import ALL_KEYS, RefreshPlan, plan_refresh
+from tvproxy.tview.opaque import (
+    baseline_sql,
+    close_sql,
+    is_opaque,
+    opaque_condition,
+    reject_sql,
+)
+from tvproxy.tview.planner import ALL_KEYS, KeysWhen, RefreshPlan, plan_refresh
 from tvproxy.tview.returning_hooks import ReturningHooks
 from tvproxy.tview.tracker import TransactionTracker
+from tvproxy.tview.twophase import catch_up, encode_keys, insert_sql
 from tvproxy.tview.txcontrol import TxKind, classify
 
 if TYPE_CHECKING:
@@ -35,6 +47,12 @@ if TYPE_CHECKING:
 
 log = get_logger("tvproxy.tview")
 EMPTY = RuntimeCatalog()
+_ROLLBACKS = (TxKind.ROLLBACK, TxKind.ROLLBACK_AND_CHAIN, TxKind.ROLLBACK_TO)
+_COMMITS = (TxKind.COMMIT, TxKind.COMMIT_AND_CHAIN, TxKind.PREPARE)
+# DDL after which the audit's catalog may be out of date (triggers, functions, foreign keys)
+_DDL = re.compile(r"(?:^|;)\s*(?:--[^\n]*\n\s*|/\*.*?\*/\s*)*(?:create|alter|drop)\s+"
+                  r"(?:or\s+replace\s+)?(?:constraint\s+)?(?:function|procedure|trigger|table)\b",
+                  re.I | re.S)
 
 
 @dataclass
@@ -44,6 +62,7 @@ class EntityStats:
     keys_coalesced: int = 0
     rows_refreshed: int = 0
     rows_deleted: int = 0
+    opaque_writes: int = 0  # transactions whose unattributed writes refreshed this fully
     cascade_rows: int = 0
     full_refreshes: int = 0
     refresh_statements: int = 0
@@ -65,8 +84,15 @@ def _array_literal(values: list[object]) -> bytes:
 
 def plan_messages(plan: RefreshPlan) -> bytes:
     """The plan as extended-protocol messages, keys bound as text array parameters."""
+    return statement_messages(plan.statements, plan.params)
+
+
+def statement_messages(statements: tuple[str, ...] | list[str],
+                       all_params: tuple[tuple[object, ...], ...] | list[tuple[object, ...]]
+                       ) -> bytes:
+    """Unnamed Parse/Bind/Execute per statement (no Sync), text parameters."""
     out = []
-    for sql, params in zip(plan.statements, plan.params, strict=True):
+    for sql, params in zip(statements, all_params, strict=True):
         out.append(B.parse(b"", sql.encode()))
         body = b"\x00\x00" + pack("!HH", 0, len(params))
         for p in params:
@@ -90,6 +116,22 @@ def _decode_param(value: bytes | None, fmt: int, pk_type: str) -> Hashable | Non
     if pk_type == "text" or pk_type.startswith("character"):
         return value.decode()
     return None
+
+
+@dataclass(frozen=True)
+class _Audit:
+    """An injected batch of the opaque-writes audit (tview/opaque.py)."""
+
+    tables: tuple[str, ...] = ()  # for a comparison: the tables, in the order sent
+    close: bool = False
+    txn: int = 0  # the client's transaction it belongs to
+
+
+@dataclass(frozen=True)
+class _Talk:
+    """A statement of the engine's conversation on the client's server (TVIEW DDL)."""
+
+    future: asyncio.Future[Reply]
 
 
 class TviewEngine:
@@ -121,6 +163,38 @@ class TviewEngine:
         for name in list(self.proxy.cfg.databases):
             await self.reload(name)
         self.loaded.set()
+        # catalogs also follow what changed without a NOTIFY (functions, triggers, foreign
+        # keys created directly on the server)
+        await self._recover()
+        while self.cfg.recovery_interval > 0:
+            await asyncio.sleep(self.cfg.recovery_interval)
+            for name, cat in list(self.catalogs.items()):
+                if not cat.empty:
+                    await self.reload(name)
+            await self._recover()
+
+    async def _recover(self) -> None:
+        """Catch up prepared transactions committed without the proxy seeing it."""
+        for name, cat in list(self.catalogs.items()):
+            if not cat.empty:
+                await self.catch_up(name)
+
+    async def catch_up(self, database: str, gid: str | None = None) -> None:
+        cat = self.catalog(database)
+        if cat.empty:
+            return
+        cfg = self.cfg
+        try:
+            conn = await self._connect(database)
+            try:
+                done = await catch_up(conn, cat, cfg.schema, database, cfg.lock_namespace,
+                                      cfg.max_propagation_depth, gid)
+            finally:
+                await conn.close()
+            if done:
+                log.info("tview 2pc catch-up", database=database, gids=done)
+        except Exception as exc:  # noqa: BLE001 - the next recovery pass tries again
+            log.warning("tview 2pc catch-up failed", database=database, error=str(exc))
 
     async def _listen(self, database: str) -> None:
         """Follow catalog changes of other instances (only where TVIEWs exist: a database
@@ -138,13 +212,16 @@ class TviewEngine:
             del self._listeners[database]
             log.warning("tview catalog listener failed", database=database, error=str(exc))
 
-    async def reload(self, database: str) -> None:
+    async def reload(self, database: str, announce: bool = False) -> None:
+        """Load the catalog of ``database`` again (``announce``: tell other instances too)."""
         from tvproxy.tview.ddl import load_runtime
 
         try:
             conn = await self._connect(database)
             try:
                 self.catalogs[database] = cat = await load_runtime(conn, self.cfg.schema)
+                if announce:
+                    await conn.execute(f"NOTIFY {q(self.cfg.schema + '_catalog')}")
             finally:
                 await conn.close()
             if not cat.empty:
@@ -179,9 +256,19 @@ class TviewSession(ReturningHooks):
         self.in_block = False
         self.wrapped = False
         self.hold = True  # hold the client's input after a statement in a wrapped transaction
-        self.stmts: dict[bytes, tuple[WriteCapture, ...]] = {}
-        self.inflight: list[tuple[RefreshPlan, float, bool]] = []
+        # prepared statements that write tracked tables or are opaque writers
+        self.stmts: dict[bytes, tuple[tuple[WriteCapture, ...], bool]] = {}
+        self.inflight: list[object] = []
         self.started = 0.0
+        self.failed = False  # the server said the transaction is aborted
+        # opaque-writes audit: allowance per table of the open span (-1: any), comparisons
+        # whose answers are still on their way, tables found this transaction
+        self.span: dict[str, int] | None = None
+        self.audits_inflight = 0
+        self.opaque_tables: list[str] = []
+        self.reload_after = False
+        self.committed_prepared: list[str] = []  # COMMIT PREPARED gids to catch up after
+        self.txn = 0
         self._init_returning()
 
     # --- recording keys --------------------------------------------------------------------
@@ -190,6 +277,10 @@ class TviewSession(ReturningHooks):
                pre: list[tuple[bytes, object]]) -> None:
         tracker = self.tracker
         tracker.touch(w.entity, keys if keys is not None else [ALL_KEYS])
+        if self.span is not None:  # what the counters may show for this captured write
+            name = cat.audit_name.get(w.table, w.table)
+            n = -1 if keys is None or self.span.get(name, 0) < 0 else len(keys)
+            self.span[name] = -1 if n < 0 else self.span.get(name, 0) + n
         # an upsert's DO UPDATE moves children too
         old_values_needed = w.op not in ("insert", "update") or w.assigns_key_columns
         parents = cat.aggregated_into.get(w.entity, ())
@@ -230,21 +321,27 @@ class TviewSession(ReturningHooks):
             if kind is TxKind.BEGIN:
                 self.in_block = True
             elif kind in (TxKind.COMMIT, TxKind.COMMIT_AND_CHAIN, TxKind.PREPARE):
-                plan = self._plan(cat, self.tracker.take())
-                if plan is not None:
-                    pre.append((plan_messages(plan) + B.SYNC, (plan, time.monotonic(), False)))
-                self.tracker.reset()
-                self.started = 0.0
+                if not self.failed:  # COMMIT of a failed transaction refreshes nothing
+                    self._close_span(pre, cat)
+                    keys = self.tracker.take()
+                    self._plan_batch(pre, cat, keys, False)
+                    if kind is TxKind.PREPARE and cmd.name and (keys or self.audits_inflight):
+                        self._persist_queue(pre, cat, cmd.name, keys)
+                self._end_transaction()
                 self.in_block = kind is TxKind.COMMIT_AND_CHAIN
             elif kind in (TxKind.ROLLBACK, TxKind.ROLLBACK_AND_CHAIN):
-                self.tracker.reset()
+                self._end_transaction()
                 self.in_block = kind is TxKind.ROLLBACK_AND_CHAIN
+            elif kind is TxKind.COMMIT_PREPARED and cmd.name:
+                self.committed_prepared.append(cmd.name)
             elif kind is TxKind.SAVEPOINT and cmd.name:
                 self.tracker.savepoint(cmd.name)
             elif kind is TxKind.RELEASE and cmd.name:
                 self.tracker.release(cmd.name)
             elif kind is TxKind.ROLLBACK_TO and cmd.name:
                 self.tracker.rollback_to(cmd.name)
+                self.span = None  # it opened after the last SAVEPOINT: all of it is undone
+                self.failed = False
 
     def _read_your_writes(self, sql: str, pre: list[tuple[bytes, object]],
                           cat: RuntimeCatalog) -> None:
@@ -253,25 +350,89 @@ class TviewSession(ReturningHooks):
         low = sql.lower()
         if not any(t in low for t in cat.tv_tables):
             return
+        self._close_span(pre, cat)
         pending = self.tracker.pending()
-        if not pending:
+        if pending or self.audits_inflight:
+            self._plan_batch(pre, cat, pending, True)
+
+    def _persist_queue(self, pre: list[tuple[bytes, object]], cat: RuntimeCatalog, gid: str,
+                       keys: dict[str, set[Hashable]]) -> None:
+        """PREPARE TRANSACTION: the queue goes into pending_refresh, in the same transaction,
+        for the catch-up after COMMIT PREPARED (tview/twophase.py)."""
+        everything = [e for ent in cat.audited.values() for e in _all_affected(cat, ent)] if (
+            self.audits_inflight) else []
+        params = (gid, self.client.database, encode_keys(keys, everything))
+        pre.append((statement_messages([insert_sql(self.engine.cfg.schema)], [params]) + B.SYNC,
+                    None))
+
+    # --- opaque writers ---------------------------------------------------------------------
+
+    def _audit(self, sql: str, pre: list[tuple[bytes, object]], cat: RuntimeCatalog) -> bool:
+        """Open an audit span before an opaque statement, close it before any other one."""
+        if not cat.audited or self.failed:
+            return False
+        if is_opaque(sql, cat.functions, cat.trigger_tables):
+            self._open_span(pre, cat)
+            return True
+        if self.span is not None and any(
+                c is not None and c.kind in _ROLLBACKS for c in classify(sql)):
+            self.span = None  # undone with the transaction or savepoint: nothing to compare
+        self._close_span(pre, cat)
+        return False
+
+    def _open_span(self, pre: list[tuple[bytes, object]], cat: RuntimeCatalog) -> None:
+        if self.span is not None:
             return
-        plan = self._plan(cat, pending)
-        if plan is not None:
-            pre.append((plan_messages(plan) + B.SYNC, (plan, time.monotonic(), True)))
+        self.span = {}
+        names = list(cat.audited)
+        pre.append((statement_messages([baseline_sql()], [(names,)]) + B.SYNC, _Audit()))
+        if not self.started:
+            self.started = time.monotonic()
+
+    def _close_span(self, pre: list[tuple[bytes, object]], cat: RuntimeCatalog) -> None:
+        span = self.span
+        if span is None:
+            return
+        self.span = None
+        names = tuple(cat.audited)
+        allow = [span.get(n, 0) for n in names]
+        pre.append((statement_messages([close_sql()], [(list(names), allow)]) + B.SYNC,
+                    _Audit(names, True, self.txn)))
+        self.audits_inflight += 1
+
+    def _opaque_found(self, cat: RuntimeCatalog, tables: list[str]) -> None:
+        """The comparison's answer: these tables were written behind the statements' backs."""
+        for name in tables:
+            entity = cat.audited.get(name)
+            if entity is None:
+                continue
+            if name not in self.opaque_tables:
+                self.opaque_tables.append(name)
+            for e in _all_affected(cat, entity):
+                self.tracker.touch(e, [ALL_KEYS])
+            self.engine.stat(self.client.database, entity).opaque_writes += 1
+        self.tracker.statement_succeeded()
+        log.info("tview opaque writes", client=self.client.id, database=self.client.database,
+                 tables=tables, policy=self.engine.cfg.opaque_writes)
 
     def _statement(self, sql: str, pre: list[tuple[bytes, object]],
-                   cat: RuntimeCatalog) -> tuple[WriteCapture, ...]:
+                   cat: RuntimeCatalog) -> tuple[tuple[WriteCapture, ...], bool]:
         """What every statement text goes through (Query or Parse): flush for reads of tv_
-        tables, transaction control, and the tracked writes it makes."""
+        tables, the opaque-writes audit, transaction control, and the tracked writes it makes
+        (with whether it is an opaque writer)."""
         if self.ret_live or self.inflight:  # keys that have not all arrived yet
             self._returning_plan_point(sql, cat)
         self._read_your_writes(sql, pre, cat)
+        opaque = self._audit(sql, pre, cat)
         self._tx_commands(sql, pre, cat)
+        if opaque:
+            self._wrap(pre)  # its writes are compared before the proxy's COMMIT
+        if _DDL.search(sql):
+            self.reload_after = True  # a new trigger, function or foreign key changes the audit
         try:
-            return capture(sql, cat.tracked)
+            return capture(sql, cat.tracked), opaque
         except pglast.parser.ParseError:
-            return ()
+            return (), opaque
 
     def query(self, client: ClientSession, text: bytes) -> list[bytes] | None:
         """A simple Query: returns the messages to run first (each ending in one
@@ -280,7 +441,7 @@ class TviewSession(ReturningHooks):
         if cat.empty:
             return None
         pre: list[tuple[bytes, object]] = []
-        writes = self._statement(text.decode("utf-8", "replace"), pre, cat)
+        writes, _opaque = self._statement(text.decode("utf-8", "replace"), pre, cat)
         self.hold = not any(w.op == "copy" for w in writes)  # COPY data must still flow
         rw = self.ret_query = self._returning_rewrite(client, text, writes, cat) if writes \
             else None
@@ -300,24 +461,27 @@ class TviewSession(ReturningHooks):
         if cat.empty:
             return None
         pre: list[tuple[bytes, object]] = []
-        writes = self._statement(text.decode("utf-8", "replace"), pre, cat)
-        if writes:
-            self.stmts[name] = writes
+        writes, opaque = self._statement(text.decode("utf-8", "replace"), pre, cat)
+        if writes or opaque:
+            self.stmts[name] = (writes, opaque)
             self._wrap(pre)  # before the Parse: a Query in between would drop an unnamed one
         else:
             self.stmts.pop(name, None)
         return self._send(pre)
 
     def bind(self, client: ClientSession, name: bytes, body: bytes, pos: int) -> list[bytes] | None:
-        writes = self.stmts.get(name)
-        if not writes:
+        prepared = self.stmts.get(name)
+        if prepared is None:
             return None
+        writes, opaque = prepared
         cat = self.engine.catalog(client.database)
+        pre: list[tuple[bytes, object]] = []
+        if opaque and not self.failed:
+            self._open_span(pre, cat)  # again, for a statement prepared earlier
         try:
             formats, values = D.bind_params(body, pos)
         except Exception:  # noqa: BLE001 - the server rejects a malformed Bind itself
             formats, values = [], []
-        pre: list[tuple[bytes, object]] = []
         for w in writes:
             keys: list[Hashable] | None = [] if w.keys is not None else None
             pk_type = cat.key_types.get(w.entity, "text")
@@ -345,51 +509,104 @@ class TviewSession(ReturningHooks):
     def ddl(self, client: ClientSession, text: bytes) -> bool:
         """``CREATE TABLE tv_x AS SELECT`` / ``DROP TABLE tv_x``: run by the engine, answered
         by the proxy (True), or not TVIEW DDL (False)."""
+        if b";" in text and self._commit_after_writes(client, text):
+            return True
         head = text[:64].lstrip().lower()
         if b"tv_" not in text or not head.startswith((b"create", b"drop")):
             return False
         try:
             stmt = parse_tview_ddl(text.decode("utf-8", "replace"))
         except TviewError as exc:
-            client.ddl_done(B.error_response(exc.sqlstate, exc.message)
-                            + B.ready_for_query(b"T" if self.in_block else b"I"))
+            _answer_soon(client, B.error_response(exc.sqlstate, exc.message)
+                         + B.ready_for_query(b"T" if self.in_block else b"I"))
             return True
         if stmt is None:
             return False
         asyncio.ensure_future(self._run_ddl(client, stmt))
         return True
 
-    async def _run_ddl(self, client: ClientSession, stmt: CreateTview | DropTviews) -> None:
-        from tvproxy.tview.ddl import create_tview, drop_tviews
+    def _commit_after_writes(self, client: ClientSession, text: bytes) -> bool:
+        """A multi-statement Query that writes tracked tables and then commits: the refresh
+        would have to run in the middle of it.  Refused (0A000) rather than left stale."""
+        low = text.lower()
+        if not any(w in low for w in (b"commit", b"end", b"prepare")):
+            return False
+        cat = self.engine.catalog(client.database)
+        if cat.empty:
+            return False
+        sql = text.decode("utf-8", "replace")
+        cmds = classify(sql)
+        ends = [i for i, c in enumerate(cmds) if c is not None and c.kind in _COMMITS]
+        if not ends or None not in cmds[:ends[-1]]:
+            return False
+        try:
+            writes = capture(sql, cat.tracked)
+        except pglast.parser.ParseError:
+            return False
+        if not writes and not is_opaque(sql, cat.functions, cat.trigger_tables):
+            return False
+        _answer_soon(client, B.error_response(
+            "0A000", "tvproxy: a query string that writes TVIEW source tables cannot also "
+            "COMMIT or PREPARE TRANSACTION", hint="send COMMIT as a query of its own")
+            + B.ready_for_query(b"T" if self.in_block else b"I"))
+        return True
 
-        status = b"T" if self.in_block else b"I"
-        if self.in_block:
-            client.ddl_done(B.error_response(
-                "0A000", "TVIEW DDL cannot run inside a transaction block through tvproxy",
-                hint="run CREATE/DROP TABLE tv_... outside BEGIN/COMMIT") + B.ready_for_query(status))
-            return
+    async def _run_ddl(self, client: ClientSession, stmt: CreateTview | DropTviews) -> None:
+        """Outside a transaction block on a control connection (its own transaction, as
+        autocommit DDL is); inside one on the client's server, in the client's transaction."""
         engine = self.engine
-        cfg = engine.cfg
+        if self.in_block:
+            conn: Any = ServerConversation(lambda batch: self._talk(client, batch))
+            out, ok = await self._ddl_on(conn, stmt)
+            if ok:
+                self.reload_after = True  # seen by everyone once the client commits
+                status = b"T"
+            else:
+                status = b"E"
+                with contextlib.suppress(ServerError):  # abort it, as PostgreSQL's DDL would
+                    await conn.execute("DO $$BEGIN RAISE EXCEPTION 'tvproxy: TVIEW DDL "
+                                       "failed'; END$$")
+            client.ddl_done(out + B.ready_for_query(status))
+            return
         out = b""
         try:
             conn = await engine._connect(client.database)
+        except Exception as exc:  # noqa: BLE001 - the server's own error, as it said it
+            out = B.error_response(getattr(exc, "sqlstate", None) or "08006", str(exc))
+        else:
             try:
-                if isinstance(stmt, CreateTview):
-                    res = await create_tview(conn, stmt, cfg.schema, cfg.lock_namespace)
-                    out = b"".join(B.notice_response(w, "01000", "WARNING") for w in res.warnings)
-                    out += B.command_complete(f"SELECT {res.rows}")
-                else:
-                    await drop_tviews(conn, stmt, cfg.schema)
-                    out = B.command_complete("DROP TABLE")
+                out, ok = await self._ddl_on(conn, stmt)
             finally:
                 await conn.close()
-            await engine.reload(client.database)
+            if ok:
+                await engine.reload(client.database)
+        client.ddl_done(out + B.ready_for_query(b"I"))
+
+    async def _ddl_on(self, conn: Any, stmt: CreateTview | DropTviews) -> tuple[bytes, bool]:
+        from tvproxy.tview.ddl import create_tview, drop_tviews
+
+        cfg = self.engine.cfg
+        try:
+            if isinstance(stmt, CreateTview):
+                res = await create_tview(conn, stmt, cfg.schema, cfg.lock_namespace)
+                out = b"".join(B.notice_response(w, "01000", "WARNING") for w in res.warnings)
+                return out + B.command_complete(f"SELECT {res.rows}"), True
+            await drop_tviews(conn, stmt, cfg.schema)
+            return B.command_complete("DROP TABLE"), True
         except TviewError as exc:
-            out = B.error_response(exc.sqlstate, exc.message)
+            return B.error_response(exc.sqlstate, exc.message), False
         except Exception as exc:  # noqa: BLE001 - the server's own error, as it said it
             sqlstate = getattr(exc, "sqlstate", None) or "XX000"
-            out = B.error_response(sqlstate, str(exc))
-        client.ddl_done(out + B.ready_for_query(status))
+            return B.error_response(sqlstate, str(exc)), False
+
+    async def _talk(self, client: ClientSession, batch: bytes) -> Reply:
+        """One statement of the engine on the client's server (the client is held)."""
+        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self.inflight.append(_Talk(fut))
+        if not client.inject_now(batch):
+            self.inflight.pop()
+            raise ServerError({"C": "08006", "M": "tvproxy: no server linked"})
+        return await fut
 
     # --- ends of transactions --------------------------------------------------------------
 
@@ -409,6 +626,33 @@ class TviewSession(ReturningHooks):
             st.keys_enqueued += sum(len(v) for v in keys.values())
         return plan
 
+    def _plan_batch(self, pre: list[tuple[bytes, object]], cat: RuntimeCatalog,
+                    keys: dict[str, set[Hashable]], flush: bool) -> None:
+        """The refresh plan for ``keys`` as one batch; while an audit's answer is on its way,
+        the plan itself reads which tables had opaque writes."""
+        waiting = self.audits_inflight > 0
+        if waiting:
+            keys = {e: set(v) for e, v in keys.items()}
+            for name, entity in cat.audited.items():
+                marker = KeysWhen(opaque_condition(name))
+                for e in _all_affected(cat, entity):
+                    keys.setdefault(e, set()).add(marker)
+        plan = self._plan(cat, keys)
+        if self.engine.cfg.opaque_writes == "reject" and (waiting or self.opaque_tables):
+            check = reject_sql()
+            plan = RefreshPlan((), (check,), ((),)) if plan is None else RefreshPlan(
+                plan.entities, (check, *plan.statements), ((), *plan.params))
+        if plan is not None:
+            pre.append((plan_messages(plan) + B.SYNC, (plan, time.monotonic(), flush)))
+
+    def _end_transaction(self) -> None:
+        self.tracker.reset()
+        self.started = 0.0
+        self.span = None
+        self.opaque_tables = []
+        self.failed = False
+        self.txn += 1
+
     def ready(self, client: ClientSession, status: bytes) -> list[bytes] | None:
         """ReadyForQuery for the client with nothing outstanding: close a transaction the
         proxy opened (plan + COMMIT, or ROLLBACK), else follow the server's status."""
@@ -416,29 +660,64 @@ class TviewSession(ReturningHooks):
             self.wrapped = False
             if status == b"T":
                 cat = self.engine.catalog(client.database)
-                plan = self._plan(cat, self.tracker.take())
-                self.tracker.reset()
-                self.started = 0.0
                 pre: list[tuple[bytes, object]] = []
-                if plan is not None:
-                    pre.append((plan_messages(plan) + B.SYNC, (plan, time.monotonic(), False)))
+                self._close_span(pre, cat)
+                self._plan_batch(pre, cat, self.tracker.take(), False)
+                self._end_transaction()
                 pre.append((B.query("COMMIT"), None))
                 return self._send(pre)
-            self.tracker.reset()
+            self._end_transaction()
             return self._send([(B.query("ROLLBACK"), None)])
         if status == b"I":
             self.in_block = False
-            self.tracker.reset()
-            self.started = 0.0
+            self._end_transaction()
         else:
             self.in_block = True
+            self.failed = status == b"E"
         return None
 
-    def injected(self, rows: list[list[bytes | None]], error: dict[str, str] | None) -> None:
-        """Replies of an injected batch: refresh counts for the statistics."""
+    def hold_ready(self, client: ClientSession, status: bytes) -> bool:
+        """After DDL that may add triggers, functions or cascading keys: the client hears
+        ReadyForQuery once the catalog knows them (its next statement is audited right)."""
+        if status != b"I" or not (self.reload_after or self.committed_prepared):
+            return False
+        reload, self.reload_after = self.reload_after, False
+        gids, self.committed_prepared = self.committed_prepared, []
+        asyncio.ensure_future(self._then_ready(client, status, reload, gids))
+        return True
+
+    async def _then_ready(self, client: ClientSession, status: bytes, reload: bool,
+                          gids: list[str]) -> None:
+        """Reload the catalog and/or catch up committed prepared transactions, then answer."""
+        try:
+            if reload:
+                await self.engine.reload(client.database, announce=True)
+            for gid in gids:
+                await self.engine.catch_up(client.database, gid)
+        finally:
+            client.ddl_done(B.ready_for_query(status))
+
+    def injected(self, rows: list[list[bytes | None]], error: dict[str, str] | None) -> bool:
+        """Replies of an injected batch: refresh counts for the statistics, keys found by
+        pre-images and audits.  True: the batch's error is not the client's concern."""
         if not self.inflight:
-            return
+            return False
         meta = self.inflight.pop(0)
+        if isinstance(meta, _Talk):
+            client = self.client
+            cols = row_description(client.inject_desc) if client.inject_desc else []
+            tag = client.inject_tag.decode() if client.inject_tag else ""
+            if not meta.future.done():
+                meta.future.set_result(Reply(cols, rows, tag, error))
+            return True  # the conversation reports its errors itself
+        if isinstance(meta, _Audit):
+            if meta.close:
+                self.audits_inflight -= 1
+                if error is None and meta.txn == self.txn:
+                    found = [meta.tables[int(r[0]) - 1] for r in rows if r and r[0] is not None]
+                    if found:
+                        self._opaque_found(self.engine.catalog(self.client.database), found)
+            return True  # a baseline or comparison in an aborted transaction: nothing to do
         if isinstance(meta, str):  # a pre-image: the parents of the children written next
             if error is None:
                 integer = self.engine.catalog(self.client.database).key_types.get(meta) in (
@@ -446,18 +725,18 @@ class TviewSession(ReturningHooks):
                 vals = [r[0].decode() for r in rows if r and r[0] is not None]
                 self.tracker.touch(meta, [int(v) for v in vals] if integer else vals)
                 self.tracker.statement_succeeded()
-            return
+            return False
         if meta is None:
-            return
+            return False
         plan, started, flush = meta  # type: ignore[misc]
         if not plan.entities:
-            return
+            return False
         db = self.client.database
         elapsed = int((time.monotonic() - started) * 1e6)
         total = self.engine.stat(db, "*")
         if error is not None:
             total.errors += 1
-            return
+            return False
         if not flush:
             self.engine.commits += 1
             total.commits += 1
@@ -485,6 +764,18 @@ class TviewSession(ReturningHooks):
         log.info("tview refresh", client=self.client.id, database=db,
                  entities=list(plan.entities), keys=[int(c or 0) for c in counts],
                  statements=len(plan.statements), ms=round(elapsed / 1000, 3))
+        return False
+
+
+def _answer_soon(client: ClientSession, replies: bytes) -> None:
+    """Answer a Query the engine took over, once the session has finished reading it."""
+    asyncio.get_running_loop().call_soon(client.ddl_done, replies)
+
+
+def _all_affected(cat: RuntimeCatalog, entity: str) -> list[str]:
+    """Entities to refresh fully when every row of ``entity`` may have changed: itself, the
+    TVIEWs aggregating it (old parents unknown) and those refreshed fully on it."""
+    return [entity, *cat.aggregated_into.get(entity, ()), *cat.full_on.get(entity, ())]
 
 
 def _preimage_batch(sql: str, keys: list[Hashable]) -> bytes:

@@ -8,6 +8,7 @@ SQL fragments the planner needs for unknown keys (``all_keys``) and aggregated c
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -15,6 +16,7 @@ from tvproxy.tview.analyze import quote_ident as q
 from tvproxy.tview.analyze import refresh_order
 from tvproxy.tview.capture import TrackedTable
 from tvproxy.tview.catalog import CatalogEntry
+from tvproxy.tview.opaque import OpaqueFacts, function_pattern
 from tvproxy.tview.planner import TviewSpec
 
 
@@ -43,6 +45,11 @@ class RuntimeCatalog:
     full_on: dict[str, list[str]] = field(default_factory=dict)  # base entity -> full TVIEWs
     # child entity -> (parent entity, SELECT of the parent keys of children $1) before a write
     preimage: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    # opaque writers (tview/opaque.py): tracked tables by quoted qualified name -> entity
+    audited: dict[str, str] = field(default_factory=dict)
+    audit_name: dict[str, str] = field(default_factory=dict)  # table -> its audited name
+    functions: re.Pattern[str] | None = None
+    trigger_tables: frozenset[str] = frozenset()
     # child entity -> (parent entity, the child's fk column the parent aggregates by)
     aggregations: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
     server_version: int = 0  # major version of the database's server (0: not known)
@@ -53,8 +60,11 @@ class RuntimeCatalog:
 
 
 def build_runtime(entries: Sequence[CatalogEntry], tables: Mapping[str, BaseTable],
-                  schema: str = "public") -> RuntimeCatalog:
+                  schema: str = "public", opaque: OpaqueFacts | None = None) -> RuntimeCatalog:
     cat = RuntimeCatalog()
+    if opaque is not None:
+        cat.functions = function_pattern(opaque.functions)
+        cat.trigger_tables = opaque.trigger_tables
     cat.entries = {e.entity: e for e in entries}
     depends = {e.entity: {d for d in e.depends_on if d in cat.entries} for e in entries}
     cat.order = refresh_order(depends)
@@ -72,6 +82,8 @@ def build_runtime(entries: Sequence[CatalogEntry], tables: Mapping[str, BaseTabl
             cat.key_types[entity] = base.pk_type
             cat.all_keys.setdefault(entity, f"SELECT {q(base.pk)} FROM "
                                             f"{q(base.schema)}.{q(table)}")
+            cat.audited[f"{q(base.schema)}.{q(table)}"] = entity
+            cat.audit_name[table] = f"{q(base.schema)}.{q(table)}"
         return entity
 
     for entry in entries:

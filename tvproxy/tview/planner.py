@@ -94,6 +94,18 @@ class _AllKeys:
 ALL_KEYS: Hashable = _AllKeys()
 
 
+@dataclass(frozen=True)
+class KeysWhen:
+    """Marker in a touched key set: every row counts when ``condition`` (SQL) holds at refresh
+    time (opaque writes the proxy has not heard about yet, tview/opaque.py)."""
+
+    condition: str
+
+
+def _explicit(keys: Collection[Hashable]) -> list[Hashable]:
+    return [k for k in keys if k is not ALL_KEYS and not isinstance(k, KeysWhen)]
+
+
 def plan_refresh(
     specs: Mapping[str, TviewSpec],
     order: Sequence[str],
@@ -128,17 +140,22 @@ def plan_refresh(
 
     def param(e: str) -> int:
         if e not in param_no:
-            params.append(sorted((k for k in touched[e] if k is not ALL_KEYS), key=str))
+            params.append(sorted(_explicit(touched[e]), key=str))
             param_no[e] = len(params)
         return param_no[e]
 
     def keys_sql(e: str, seen: tuple[str, ...]) -> str:
         parts = []
         if e in touched:
-            if ALL_KEYS in touched[e] and e in all_keys:
+            keys = touched[e]
+            if ALL_KEYS in keys and e in all_keys:
                 parts.append(all_keys[e])
-            elif touched[e]:
-                parts.append(f"SELECT unnest(${param(e)}::{key_types[e]}[])")
+            else:
+                conds = sorted({k.condition for k in keys if isinstance(k, KeysWhen)})
+                if conds and e in all_keys:
+                    parts.append(f"SELECT * FROM ({all_keys[e]}) a WHERE {' OR '.join(conds)}")
+                if _explicit(keys):
+                    parts.append(f"SELECT unnest(${param(e)}::{key_types[e]}[])")
             for child, template in derived.get(e, ()):
                 if child in touched and child not in seen:
                     parts.append(template.replace("{keys}", keys_sql(child, (*seen, e))))
@@ -207,7 +224,10 @@ def _gate_sql(specs: Mapping[str, TviewSpec], order: Sequence[str],
         if ALL_KEYS in keys and e in all_keys:
             up(e, all_keys[e], (e,))
             continue
-        named = sorted((k for k in keys if k is not ALL_KEYS), key=str)
+        conds = sorted({k.condition for k in keys if isinstance(k, KeysWhen)})
+        if conds and e in all_keys:
+            up(e, f"SELECT * FROM ({all_keys[e]}) a WHERE {' OR '.join(conds)}", (e,))
+        named = sorted(_explicit(keys), key=str)
         if named:
             params.append(named)
             up(e, f"SELECT unnest(${len(params)}::{key_types[e]}[])", (e,))

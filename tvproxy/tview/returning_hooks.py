@@ -50,8 +50,11 @@ class ReturningHooks:
     engine: Any
     client: ClientSession
     tracker: Any
-    stmts: dict[bytes, tuple[WriteCapture, ...]]
+    stmts: dict[bytes, tuple[tuple[WriteCapture, ...], bool]]  # name -> (writes, opaque)
     started: float
+    span: dict[str, int] | None  # the opaque-writes audit's allowances (engine.py)
+    failed: bool
+    inflight: list[object]
 
     def _init_returning(self) -> None:
         self.rewritten: dict[bytes, ReturningRewrite] = {}  # statement name -> rewrite
@@ -109,6 +112,8 @@ class ReturningHooks:
                          rw: ReturningRewrite) -> None:
         """What is known when a rewritten statement is sent: only what stays unknown."""
         tracker = self.tracker
+        if self.span is not None:  # the audit may see any number of rows written
+            self.span[cat.audit_name.get(w.table, w.table)] = -1
         for e in rw.all_keys:
             tracker.touch(e, [ALL_KEYS])
         for e in cat.full_on.get(w.entity, ()):
@@ -125,7 +130,8 @@ class ReturningHooks:
 
     def parse_returning(self, client: ClientSession, name: bytes, text: bytes) -> bytes | None:
         """After ``parse``: the statement text to prepare instead of ``text``, or None."""
-        writes = self.stmts.get(name)
+        prepared = self.stmts.get(name)
+        writes = prepared[0] if prepared is not None else ()
         rw = None
         if writes:
             cat = self.engine.catalog(client.database)
@@ -143,9 +149,12 @@ class ReturningHooks:
         """A Bind of a rewritten statement: (batches to run first, the Bind body to send)."""
         rw = self.rewritten[name]
         cat = self.engine.catalog(client.database)
-        for w in self.stmts.get(name, ()):
-            self._touch_returning(cat, w, rw)
+        writes, opaque = self.stmts.get(name, ((), False))
         pre: list[tuple[bytes, object]] = []
+        if opaque and not self.failed:
+            self._open_span(pre, cat)  # type: ignore[attr-defined]
+        for w in writes:
+            self._touch_returning(cat, w, rw)
         if name:
             self._wrap(pre)  # type: ignore[attr-defined]
         self.portals[portal] = rw
@@ -230,7 +239,7 @@ class ReturningHooks:
             self._prune()
         flying = [s for s in self.ret_live
                   if not s.describe and not s.abandoned]  # type: ignore[attr-defined]
-        parents = [m for m in self.inflight if isinstance(m, str)]  # type: ignore[attr-defined]
+        parents = [m for m in self.inflight if isinstance(m, str)]
         if not flying and not parents:
             return
         if not any(c is not None for c in classify(sql)) and not (
