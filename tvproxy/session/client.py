@@ -906,6 +906,8 @@ class ClientSession(asyncio.Protocol):
             self.inject_desc = self.inject_tag = None
             if expect and expect[0] == EXP_INJECT:
                 return 0
+            if error is None and expect and type(expect[0]) is tuple:
+                self._emit_fakes(out)  # e.g. ParseComplete of a statement the server knows
             if self.tv_deferred and not expect:
                 # the transaction the proxy opened is closed: now the client's ReadyForQuery
                 self.tv_deferred = False
