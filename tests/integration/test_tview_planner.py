@@ -166,3 +166,42 @@ async def test_gate_orders_refreshes_that_meet_in_a_row_one_cannot_see(pg: Any,
                 f"(TABLE pl.v_{e} EXCEPT TABLE pl.tv_{e})) d") == 0
     finally:
         await other.close()
+
+
+async def test_gate_under_repeatable_read_fails_the_later_transaction(pg: Any,
+                                                                      conn: Any) -> None:
+    """The same meeting under REPEATABLE READ: the second cannot see the first's writes in
+    its snapshot, so it fails with 40001 (its client retries) instead of going stale."""
+    import asyncio
+
+    other = await asyncpg.connect(pg.url("app"))
+    try:
+        t1 = conn.transaction(isolation="repeatable_read")
+        await t1.start()
+        await conn.execute("INSERT INTO pl.tb_post VALUES (4, DEFAULT, 3, 'P4')")
+        plan1 = plan_refresh(SPECS, ORDER, {"post": {4}}, TYPES, 0x7476)
+        assert plan1 is not None
+        await conn.fetch(plan1.statements[0], *plan1.params[0])
+
+        async def rename() -> None:
+            async with other.transaction(isolation="repeatable_read"):
+                await other.execute("UPDATE pl.tb_user SET name = 'Zed' WHERE pk_user = 3")
+                plan2 = plan_refresh(SPECS, ORDER, {"user": {3}}, TYPES, 0x7476)
+                assert plan2 is not None
+                for sql, params in zip(plan2.statements, plan2.params, strict=True):
+                    await other.fetch(sql, *params)
+
+        task = asyncio.ensure_future(rename())
+        await asyncio.sleep(0.3)
+        assert not task.done()
+        for sql, params in zip(plan1.statements[1:], plan1.params[1:], strict=True):
+            await conn.fetch(sql, *params)
+        await t1.commit()
+        with pytest.raises(asyncpg.SerializationError):
+            await asyncio.wait_for(task, 10)
+        for e in ORDER:
+            assert await conn.fetchval(
+                f"SELECT count(*) FROM ((TABLE pl.tv_{e} EXCEPT TABLE pl.v_{e}) UNION ALL "
+                f"(TABLE pl.v_{e} EXCEPT TABLE pl.tv_{e})) d") == 0
+    finally:
+        await other.close()

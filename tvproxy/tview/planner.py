@@ -7,6 +7,8 @@ A plan is a short list of statements sent in one round trip before the COMMIT:
    any key set is computed.  Two transactions whose refreshes meet in a row one of them cannot
    see yet (a post inserted under a user the other renames) take a common lock here: the
    second computes its key sets and rows after the first committed.  It returns no row.
+   Under REPEATABLE READ/SERIALIZABLE it also gives the gated tv_ rows a no-op UPDATE: the
+   second of two such transactions then fails with 40001, as for any concurrent update.
 1. *keys*: one statement computes, on the transaction's current (pre-refresh) state, the key set
    of every affected TVIEW (explicit keys, plus rows of ``tv_e`` embedding a parent whose keys
    are in the parent's set, transitively) and keeps each set for the rest of the transaction in
@@ -236,9 +238,22 @@ def _gate_sql(specs: Mapping[str, TviewSpec], order: Sequence[str],
     lock_rows = " UNION ".join(
         f"SELECT {rank[e]} AS r, k::{specs[e].pk_type}::text AS k FROM ({sql}) s(k)"
         for e, sql in rows)
-    return (f"SELECT n FROM (SELECT count(pg_advisory_xact_lock({int(lock_namespace)}, "
-            f"hashtext(r || ':' || k))) AS n FROM (SELECT r, k FROM ({lock_rows}) l "
-            f"WHERE k IS NOT NULL ORDER BY r, k) o) c WHERE n < 0", tuple(params))
+    # Under REPEATABLE READ and SERIALIZABLE the snapshot predates the locks: the gated tv_
+    # rows that exist get a no-op UPDATE instead, so two transactions meeting there are
+    # ordered by PostgreSQL's own rule for concurrent updates (the later one fails with 40001
+    # and its client retries with a snapshot that sees the other's writes).
+    bumps = []
+    for e in dict.fromkeys(e for e, _ in rows):
+        spec = specs[e]
+        tv, pk = f"{q(spec.schema)}.{q(spec.table)}", q(spec.pk)
+        bumps.append(f"b{rank[e]} AS (UPDATE {tv} t SET {pk} = t.{pk} WHERE "
+                     f"current_setting('transaction_isolation') <> 'read committed' AND "
+                     f"(SELECT n FROM c) >= 0 AND "  # after the locks: no deadlock, just 40001
+                     f"t.{pk} IN (SELECT k::{spec.pk_type} FROM g WHERE r = {rank[e]}))")
+    return (f"WITH g AS MATERIALIZED (SELECT r, k FROM ({lock_rows}) l WHERE k IS NOT NULL), "
+            f"c AS MATERIALIZED (SELECT count(pg_advisory_xact_lock({int(lock_namespace)}, "
+            f"hashtext(r || ':' || k))) AS n FROM (SELECT r, k FROM g ORDER BY r, k) o), "
+            f"{', '.join(bumps)} SELECT n FROM c WHERE n < 0", tuple(params))
 
 
 def _refresh_sql(spec: TviewSpec) -> str:
