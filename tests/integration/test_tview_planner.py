@@ -45,10 +45,11 @@ async def run(conn: Any, writes: str, touched: dict[str, set[int]]) -> dict[str,
         await conn.execute(writes)
         plan = plan_refresh(SPECS, ORDER, touched, TYPES, 0x7476)
         assert plan is not None
-        assert len(plan.statements) == 2 + len(plan.entities)
-        for sql, params in zip(plan.statements[:2], plan.params[:2], strict=True):
+        first = plan.first_refresh
+        assert first in (2, 3) and len(plan.statements) == first + len(plan.entities)
+        for sql, params in zip(plan.statements[:first], plan.params[:first], strict=True):
             await conn.fetch(sql, *params)
-        for entity, sql in zip(plan.entities, plan.statements[2:], strict=True):
+        for entity, sql in zip(plan.entities, plan.statements[first:], strict=True):
             row = await conn.fetchrow(sql)
             counts[entity] = (row["upserted"], row["deleted"])
     for e in ORDER:
@@ -97,3 +98,83 @@ def test_nothing_affected_and_depth_limit() -> None:
     with pytest.raises(TviewError) as err:
         affected(SPECS, {"company"}, max_depth=1)
     assert err.value.sqlstate == "54001"
+
+
+async def test_gate_orders_refreshes_that_meet_in_a_row_one_cannot_see(pg: Any,
+                                                                      conn: Any) -> None:
+    """T1 inserts a post under user 3 while T2 renames user 3: T2's key sets cannot contain the
+    post before T1 commits, T1's refresh cannot see the new name before T2 commits.  The gate
+    (both lock user 3 before computing anything) makes the second wait for the first."""
+    import asyncio
+
+    other = await asyncpg.connect(pg.url("app"))
+    try:
+        t1 = conn.transaction()
+        await t1.start()
+        await conn.execute("INSERT INTO pl.tb_post VALUES (4, DEFAULT, 3, 'P4')")
+        plan1 = plan_refresh(SPECS, ORDER, {"post": {4}}, TYPES, 0x7476)
+        assert plan1 is not None and plan1.first_refresh == 3
+        await conn.fetch(plan1.statements[0], *plan1.params[0])  # the gate: user 3 and post 4
+
+        async def rename() -> None:
+            async with other.transaction():
+                await other.execute("UPDATE pl.tb_user SET name = 'Zed' WHERE pk_user = 3")
+                plan2 = plan_refresh(SPECS, ORDER, {"user": {3}}, TYPES, 0x7476)
+                assert plan2 is not None
+                for sql, params in zip(plan2.statements, plan2.params, strict=True):
+                    await other.fetch(sql, *params)
+
+        task = asyncio.ensure_future(rename())
+        await asyncio.sleep(0.3)
+        assert not task.done()  # waiting at its gate for T1
+        for sql, params in zip(plan1.statements[1:], plan1.params[1:], strict=True):
+            await conn.fetch(sql, *params)
+        await t1.commit()
+        await asyncio.wait_for(task, 10)
+        assert await conn.fetchval("SELECT data->'author'->>'name' FROM pl.tv_post WHERE "
+                                   "pk_post = 4") == "Zed"
+        for e in ORDER:
+            assert await conn.fetchval(
+                f"SELECT count(*) FROM ((TABLE pl.tv_{e} EXCEPT TABLE pl.v_{e}) UNION ALL "
+                f"(TABLE pl.v_{e} EXCEPT TABLE pl.tv_{e})) d") == 0
+    finally:
+        await other.close()
+
+
+async def test_gate_under_repeatable_read_fails_the_later_transaction(pg: Any,
+                                                                      conn: Any) -> None:
+    """The same meeting under REPEATABLE READ: the second cannot see the first's writes in
+    its snapshot, so it fails with 40001 (its client retries) instead of going stale."""
+    import asyncio
+
+    other = await asyncpg.connect(pg.url("app"))
+    try:
+        t1 = conn.transaction(isolation="repeatable_read")
+        await t1.start()
+        await conn.execute("INSERT INTO pl.tb_post VALUES (4, DEFAULT, 3, 'P4')")
+        plan1 = plan_refresh(SPECS, ORDER, {"post": {4}}, TYPES, 0x7476)
+        assert plan1 is not None
+        await conn.fetch(plan1.statements[0], *plan1.params[0])
+
+        async def rename() -> None:
+            async with other.transaction(isolation="repeatable_read"):
+                await other.execute("UPDATE pl.tb_user SET name = 'Zed' WHERE pk_user = 3")
+                plan2 = plan_refresh(SPECS, ORDER, {"user": {3}}, TYPES, 0x7476)
+                assert plan2 is not None
+                for sql, params in zip(plan2.statements, plan2.params, strict=True):
+                    await other.fetch(sql, *params)
+
+        task = asyncio.ensure_future(rename())
+        await asyncio.sleep(0.3)
+        assert not task.done()
+        for sql, params in zip(plan1.statements[1:], plan1.params[1:], strict=True):
+            await conn.fetch(sql, *params)
+        await t1.commit()
+        with pytest.raises(asyncpg.SerializationError):
+            await asyncio.wait_for(task, 10)
+        for e in ORDER:
+            assert await conn.fetchval(
+                f"SELECT count(*) FROM ((TABLE pl.tv_{e} EXCEPT TABLE pl.v_{e}) UNION ALL "
+                f"(TABLE pl.v_{e} EXCEPT TABLE pl.tv_{e})) d") == 0
+    finally:
+        await other.close()

@@ -77,7 +77,8 @@ def test_plan_binds_keys_and_quotes_identifiers() -> None:
     assert plan is not None and plan.entities == ('we"ird',)
     assert plan.params[0] == ([424242, 7],)
     assert all("424242" not in sql for sql in plan.statements)  # values are bound, never spliced
-    assert '"tv_we""ird"' in plan.statements[2] and '"v_we""ird"' in plan.statements[2]
+    refresh = plan.statements[plan.first_refresh]
+    assert '"tv_we""ird"' in refresh and '"v_we""ird"' in refresh
 
 
 def test_key_mapping_of_fixture_f() -> None:

@@ -50,7 +50,10 @@ def test_insert_values_and_select() -> None:
     assert one("INSERT INTO tb_post (fk_user, title) SELECT 1, 'x'").keys is None
     w = one("INSERT INTO tb_post (pk_post, fk_user, title) VALUES (1, 1, 'a') "
             "ON CONFLICT (pk_post) DO UPDATE SET fk_user = excluded.fk_user")
-    assert w.keys == (KeyRef(value=1),) and w.assigns_key_columns
+    assert w.keys == (KeyRef(value=1),) and w.assigns_key_columns and not w.assigns_pk
+    w = one("INSERT INTO tb_post (pk_post, fk_user, title) VALUES (1, 1, 'a') "
+            "ON CONFLICT (pk_post) DO UPDATE SET pk_post = 7")
+    assert w.assigns_pk  # the new pk is not in the statement
 
 
 def test_key_column_changes_and_returning() -> None:

@@ -167,6 +167,12 @@ def bind_names(body: bytes) -> tuple[bytes, bytes, int]:
     return portal, stmt, pos
 
 
+def execute_portal(body: bytes) -> bytes:
+    """Execute body -> portal name."""
+    portal, _ = read_cstr(body, 0)
+    return portal
+
+
 def describe_or_close(body: bytes) -> tuple[int, bytes]:
     """Describe/Close body -> (b'S' or b'P' as int, name)."""
     if len(body) < 2 or body[0] not in (0x53, 0x50):

@@ -23,9 +23,10 @@ from tvproxy.pool.server import ServerConnection, ServerLoginError
 from tvproxy.protocol import CONTINUATION, Framer, ProtocolError
 from tvproxy.protocol import build as B
 from tvproxy.protocol import decode as D
+from tvproxy.protocol.strip import message_length, split_data_row, strip_row_description
 from tvproxy.session import params as P
 from tvproxy.session.auth import authenticate
-from tvproxy.session.hooks import TransactionHooks
+from tvproxy.session.hooks import StripReply, TransactionHooks
 from tvproxy.session.prepared import PreparedStatement
 
 if TYPE_CHECKING:
@@ -50,6 +51,11 @@ TERMINALS = frozenset(b"123CIsnT")
 ADMIN_DATABASES = ("tvproxy", "pgbouncer")
 WAITING_READ_LIMIT = 1 << 20
 LOGIN_INPUT_LIMIT = 1 << 20
+
+
+def _parse_body(body: bytes, name: bytes, sql: bytes, new: bytes) -> bytes:
+    """A Parse body with statement text ``new`` instead of ``sql`` (parameter types kept)."""
+    return name + b"\x00" + new + body[len(name) + len(sql) + 1:]
 
 
 class ClientSession(asyncio.Protocol):
@@ -93,6 +99,8 @@ class ClientSession(asyncio.Protocol):
         self.inject_batch_error: bytes | None = None  # the error of the batch being read
         self.inject_desc: bytes | None = None
         self.inject_tag: bytes | None = None
+        self.strip_row: bytearray | None = None  # a big DataRow to strip, until it is whole
+        self.strip_len = 0
         self._startup = bytearray()
         self._paused_server: ServerConnection | None = None
         self._input_paused = False
@@ -332,6 +340,16 @@ class ClientSession(asyncio.Protocol):
                     if tv is not None:
                         run = self._inject(out, buf, run, start, tv.query(
                             self, D.query_text(buf[start + 5:end])))
+                        rw = tv.ret_query
+                        if rw is not None:  # sent with appended RETURNING instead
+                            tv.ret_query = None
+                            run = self._flush_run(out, buf, run, start)
+                            out.append(B.query(rw.sql))
+                            expect.append(tv.expect_returning(rw, EXP_QUERY, False))
+                            if tv.wrapped and tv.hold:
+                                self._hold_after(out, buf, -1, end, end)
+                                return
+                            continue
                     expect.append(EXP_QUERY)
                     if tv is not None and tv.wrapped and tv.hold:
                         self._hold_after(out, buf, run, start, end)
@@ -344,11 +362,27 @@ class ClientSession(asyncio.Protocol):
                         self._hold_after(out, buf, run, start, end)
                         return
                 elif mtype == 0x42:  # Bind
-                    if self.tview is not None and self.tview.stmts:  # a tracked write prepared
+                    tv = self.tview
+                    if tv is not None and (tv.stmts or tv.portals):  # a tracked write prepared
                         body = bytes(buf[start + 5:end])
-                        _portal, sname, bpos = D.bind_names(body)
-                        run = self._inject(out, buf, run, start,
-                                           self.tview.bind(self, sname, body, bpos))
+                        portal, sname, bpos = D.bind_names(body)
+                        if sname in tv.rewritten:
+                            pre, body = tv.bind_returning(self, portal, sname, body, bpos)
+                            run = self._inject(out, buf, run, start, pre)
+                            run = self._flush_run(out, buf, run, start)
+                            self.batch = 2
+                            self.flush_release = False
+                            if sname and self.prepared_mapping:
+                                self._bind(out, body)
+                            else:
+                                out.append(B.message(b"B", body))
+                                expect.append(EXP_EXT)
+                            continue
+                        if tv.portals:
+                            tv.portals.pop(portal, None)
+                        if tv.stmts:
+                            run = self._inject(out, buf, run, start,
+                                               tv.bind(self, sname, body, bpos))
                     self.batch = 2
                     self.flush_release = False
                     if buf[buf.find(b"\x00", start + 5, end) + 1] != 0 and self.prepared_mapping:
@@ -358,39 +392,70 @@ class ClientSession(asyncio.Protocol):
                         continue
                     expect.append(EXP_EXT)
                 elif mtype == 0x45:  # Execute
-                    expect.append(EXP_EXT)
+                    tv = self.tview
+                    if tv is not None and tv.portals:
+                        rw = tv.portals.get(D.execute_portal(bytes(buf[start + 5:end])))
+                        expect.append(EXP_EXT if rw is None
+                                      else tv.expect_returning(rw, EXP_EXT, False))
+                    else:
+                        expect.append(EXP_EXT)
                     self.batch = 2
                     self.flush_release = False
                 elif mtype == 0x50 and buf[start + 5] == 0:  # unnamed Parse
                     self.batch = 2
                     self.flush_release = False
                     if self.tview is not None:
-                        name, sql, _ = D.parse_message(bytes(buf[start + 5:end]))
+                        body = bytes(buf[start + 5:end])
+                        name, sql, _ = D.parse_message(body)
                         run = self._inject(out, buf, run, start, self.tview.parse(self, name, sql))
+                        new = self.tview.parse_returning(self, name, sql)
+                        if new is not None:  # prepared with appended RETURNING instead
+                            run = self._flush_run(out, buf, run, start)
+                            out.append(B.message(b"P", _parse_body(body, name, sql, new)))
+                            expect.append(EXP_EXT)
+                            continue
                     expect.append(EXP_EXT)
                 elif mtype == 0x50:  # named Parse
+                    body = bytes(buf[start + 5:end]) if self.tview is not None \
+                        or self.prepared_mapping else b""
+                    new = None
                     if self.tview is not None:
-                        name, sql, _ = D.parse_message(bytes(buf[start + 5:end]))
+                        name, sql, _ = D.parse_message(body)
                         run = self._inject(out, buf, run, start, self.tview.parse(self, name, sql))
+                        new = self.tview.parse_returning(self, name, sql)
+                        if new is not None:  # the server prepares it with appended RETURNING
+                            body = _parse_body(body, name, sql, new)
                     self.flush_release = False
                     if self.prepared_mapping:
                         self.batch |= 1
                         run = self._flush_run(out, buf, run, start)
-                        self._parse(out, bytes(buf[start + 5:end]))
+                        self._parse(out, body)
                         run = -1
                         continue
                     self.batch = 2
+                    if new is not None:
+                        run = self._flush_run(out, buf, run, start)
+                        out.append(B.message(b"P", body))
+                        expect.append(EXP_EXT)
+                        continue
                     expect.append(EXP_EXT)
                 elif mtype == 0x44 or mtype == 0x43:  # Describe / Close
                     self.flush_release = False
+                    exp = EXP_EXT
+                    tv = self.tview
+                    if mtype == 0x44 and tv is not None and (tv.rewritten or tv.portals):
+                        kind, dname = D.describe_or_close(bytes(buf[start + 5:end]))
+                        rw = (tv.rewritten if kind == 0x53 else tv.portals).get(dname)
+                        if rw is not None:  # answered without the appended columns
+                            exp = tv.expect_returning(rw, EXP_EXT, True)
                     if buf[start + 5] == 0x53 and buf[start + 6] != 0 and self.prepared_mapping:
                         self.batch |= 1
                         run = self._flush_run(out, buf, run, start)
-                        self._describe_or_close(out, mtype, bytes(buf[start + 5:end]))
+                        self._describe_or_close(out, mtype, bytes(buf[start + 5:end]), exp)
                         run = -1
                         continue
                     self.batch = 2
-                    expect.append(EXP_EXT)
+                    expect.append(exp)
                 elif mtype == 0x48:  # Flush
                     # only named statements prepared/described since the last Sync (asyncpg's
                     # prepare): once answered, end the implicit transaction and free the server
@@ -535,7 +600,8 @@ class ClientSession(asyncio.Protocol):
             out.append(B.message(b"B", portal + b"\x00" + stmt.server_name + b"\x00" + body[pos:]))
         self.expect.append(EXP_EXT)
 
-    def _describe_or_close(self, out: list[bytes], mtype: int, body: bytes) -> None:
+    def _describe_or_close(self, out: list[bytes], mtype: int, body: bytes,
+                           exp: int = EXP_EXT) -> None:
         _kind, name = D.describe_or_close(body)
         if mtype == 0x43:  # Close statement: answered by the proxy
             stmt = self.prepared.pop(name, None)
@@ -549,7 +615,7 @@ class ClientSession(asyncio.Protocol):
         else:
             self._ensure_on_server(out, stmt)
             out.append(B.message(b"D", b"S" + stmt.server_name + b"\x00"))
-        self.expect.append(EXP_EXT)
+        self.expect.append(exp)
 
     # --- linking ---------------------------------------------------------------------------
 
@@ -562,16 +628,18 @@ class ClientSession(asyncio.Protocol):
         """
         if mtype == 0x50 and buf[start + 5] != 0:
             body = bytes(buf[start + 5:end])
-            name, _sql, pos = D.parse_message(body)
+            name, sql, pos = D.parse_message(body)
             if name in self.prepared:
                 return False
+            if self.tview is not None and self.tview.may_track(self, sql):
+                return False  # the engine records (and may rewrite) it: with a server
             stmt = self.proxy.prepared.lookup(body[pos:])
             if stmt is None or not stmt.validated:
                 return False
             self.prepared[name] = self.proxy.prepared.acquire(body[pos:])
             self.stats.client_parse_count += 1
             if self.tview is not None:  # a named statement: only recorded, nothing to send
-                self.tview.parse(self, name, _sql)
+                self.tview.parse(self, name, sql)
             self.write(B.PARSE_COMPLETE)
             return True
         if mtype == 0x43 and buf[start + 5] == 0x53:
@@ -654,6 +722,8 @@ class ClientSession(asyncio.Protocol):
         run = -1
         release = False
         resume = False
+        tv = self.tview
+        strip = tv is not None and bool(tv.ret_live)  # replies of rewritten statements ahead
         try:
             framer.feed(data)
             buf = framer.buffer
@@ -668,6 +738,16 @@ class ClientSession(asyncio.Protocol):
                         release = True
                     resume = True
                     continue
+                if strip and type(head) is StripReply:
+                    if mtype == 0x44 or mtype == 0x54 or (mtype == CONTINUATION
+                                                          and self.strip_row is not None):
+                        run = self._flush_run(out, buf, run, start)
+                        if self._strip_reply(head, mtype, buf, start, end, out):
+                            expect.popleft()  # a Describe's RowDescription ends it
+                            self._emit_fakes(out)
+                        continue
+                    if mtype == 0x43 or mtype == 0x73:  # CommandComplete / PortalSuspended
+                        tv.returning_done(head, mtype == 0x43)  # type: ignore[union-attr]
                 if mtype == 0x5A:  # ReadyForQuery
                     status = buf[start + 5:start + 6]
                     server.status = status
@@ -828,6 +908,8 @@ class ClientSession(asyncio.Protocol):
             self.inject_desc = self.inject_tag = None
             if expect and expect[0] == EXP_INJECT:
                 return 0
+            if error is None and expect and type(expect[0]) is tuple:
+                self._emit_fakes(out)  # e.g. ParseComplete of a statement the server knows
             if self.tv_deferred and not expect:
                 # the transaction the proxy opened is closed: now the client's ReadyForQuery
                 self.tv_deferred = False
@@ -863,6 +945,44 @@ class ClientSession(asyncio.Protocol):
         if mtype in TERMINALS and expect and expect[0] != EXP_QUERY and expect[0] != EXP_SYNC:
             self._drop_head(error=True)
         return 0
+
+    def _strip_reply(self, head: StripReply, mtype: int, buf: bytes | bytearray, start: int,
+                     end: int, out: list[bytes]) -> bool:
+        """RowDescription/DataRow of a rewritten statement, without the appended columns (the
+        appended values go to the engine).  True: the message ended a Describe."""
+        rw = head.rewrite  # type: ignore[attr-defined]
+        tv = self.tview
+        assert tv is not None
+        if mtype == 0x54:
+            desc = strip_row_description(buf[start + 5:end], rw.n_extra)
+            if desc is not None:
+                out.append(desc)
+            elif head.describe:  # type: ignore[attr-defined]
+                out.append(B.NO_DATA)  # the client's statement returns no rows
+            if head.describe:  # type: ignore[attr-defined]
+                tv.returning_described(head)
+                return True
+            return False
+        if mtype == 0x44:
+            total = message_length(buf, start)
+            if end - start < total:  # streamed in pieces: strip it once whole
+                self.strip_row = bytearray(buf[start:end])
+                self.strip_len = total
+                return False
+            body = bytes(buf[start + 5:end])
+        else:
+            part = self.strip_row
+            assert part is not None
+            part += buf[start:end]
+            if len(part) < self.strip_len:
+                return False
+            self.strip_row = None
+            body = bytes(part[5:])
+        row, extra = split_data_row(body, rw.n_extra)
+        tv.returned(head, extra)
+        if row is not None:
+            out.append(row)
+        return False
 
     def _drop_head(self, error: bool = False) -> None:
         head = self.expect.popleft()

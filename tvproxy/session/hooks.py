@@ -19,6 +19,22 @@ client's next request (a refresh that fails fails the COMMIT) unless ``injected`
   what it audits, once the catalog is reloaded).
 - ``wrapped`` / ``hold``: the proxy opened the current transaction; hold the client's further
   input until it is closed (not while COPY data must flow).
+
+Appended RETURNING (tview/returning.py, keys the statement text does not name):
+
+- after ``query``, ``ret_query`` is the rewrite to send instead of the Query (the session takes
+  it and sets it back to None); after ``parse``, ``parse_returning(session, name, text)`` gives
+  the statement text to prepare instead (or None).  ``rewritten`` (statement name -> rewrite)
+  and ``portals`` (portal name -> rewrite) say which Binds, Describes and Executes concern one:
+  a Bind of a rewritten statement goes through ``bind_returning`` (batches to run first, and the
+  Bind body to send), any other Bind drops its portal from ``portals``.
+- ``expect_returning(rewrite, kind, describe)`` makes the expectation (a :class:`StripReply`)
+  pushed for such a Query, Describe or Execute; its RowDescription/DataRow replies are stripped
+  by the session, the appended values go to ``returned``, and ``returning_done`` (at
+  CommandComplete or PortalSuspended) / ``returning_described`` close it.  ``ret_live`` is
+  non-empty while any may still be outstanding: only then does the reply path look for them.
+- ``may_track(session, text)``: the statement may write a tracked table (a Parse of it is not
+  answered without a server).
 """
 
 from __future__ import annotations
@@ -29,10 +45,20 @@ if TYPE_CHECKING:
     from tvproxy.session.client import ClientSession
 
 
+class StripReply(int):
+    """An expectation of the session (``EXP_QUERY`` or ``EXP_EXT``: it compares equal to its kind
+    wherever the session matches replies) whose replies lose the appended RETURNING columns.
+    Attributes are set by the engine: ``rewrite``, ``describe`` and the keys collected."""
+
+
 class TransactionHooks(Protocol):
     wrapped: bool
     hold: bool
     stmts: dict[bytes, object]
+    rewritten: dict[bytes, object]
+    portals: dict[bytes, object]
+    ret_query: object | None
+    ret_live: list[StripReply]
 
     def query(self, session: ClientSession, text: bytes) -> list[bytes] | None: ...
 
@@ -48,3 +74,19 @@ class TransactionHooks(Protocol):
     def hold_ready(self, session: ClientSession, status: bytes) -> bool: ...
 
     def injected(self, rows: list[list[bytes | None]], error: dict[str, str] | None) -> bool: ...
+
+    def parse_returning(self, session: ClientSession, name: bytes,
+                        text: bytes) -> bytes | None: ...
+
+    def bind_returning(self, session: ClientSession, portal: bytes, name: bytes, body: bytes,
+                       pos: int) -> tuple[list[bytes] | None, bytes]: ...
+
+    def expect_returning(self, rewrite: object, kind: int, describe: bool) -> StripReply: ...
+
+    def returned(self, head: StripReply, values: list[bytes | None]) -> None: ...
+
+    def returning_done(self, head: StripReply, complete: bool) -> None: ...
+
+    def returning_described(self, head: StripReply) -> None: ...
+
+    def may_track(self, session: ClientSession, text: bytes) -> bool: ...

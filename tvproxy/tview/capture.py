@@ -163,10 +163,11 @@ def _capture_one(node: object, tables: Mapping[str, TrackedTable], out: list[Wri
     returning = bool(clause.exprs if clause is not None else getattr(node, "returningList", None))
     if isinstance(node, ast.InsertStmt):
         conflict = node.onConflictClause
-        assigns = bool(conflict and conflict.targetList and any(
-            t.name in table.key_columns for t in conflict.targetList))
+        targets = (conflict.targetList or ()) if conflict is not None else ()
+        assigns = any(t.name in table.key_columns for t in targets)
         keys = _insert_keys(node, table.pk, table.pk_position)
-        out.append(WriteCapture(table.name, table.entity, "insert", keys, assigns, returning))
+        out.append(WriteCapture(table.name, table.entity, "insert", keys, assigns, returning,
+                                any(t.name == table.pk for t in targets)))
     elif isinstance(node, ast.UpdateStmt):
         assigns = any(t.name in table.key_columns for t in node.targetList)
         keys = None if node.fromClause else _keys_from_where(node.whereClause, table.pk, aliases)

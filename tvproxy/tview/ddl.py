@@ -180,7 +180,10 @@ async def load_runtime(conn: Any, schema: str = DEFAULT_SCHEMA) -> RuntimeCatalo
             if base is not None:
                 tables[name] = base
     opaque = await _opaque_facts(conn, schema) if entries else None
-    return build_runtime(entries, tables, opaque=opaque)
+    rt = build_runtime(entries, tables, opaque=opaque)
+    rt.server_version = int(await conn.fetchval(
+        "SELECT current_setting('server_version_num')")) // 10000
+    return rt
 
 
 # Volatile functions and procedures an application defined (not the system's, not extensions'):
@@ -225,9 +228,9 @@ async def refresh_full(conn: Any, entity: str | None = None,
             plan = plan_refresh({e: rt.specs[e]}, [e], {e: {ALL_KEYS}}, rt.key_types,
                                 DEFAULT_LOCK_NAMESPACE, all_keys=rt.all_keys)
             assert plan is not None
-            await conn.fetch(plan.statements[0])
-            await conn.fetch(plan.statements[1])
-            row = await conn.fetchrow(plan.statements[2])
+            for sql, params in zip(plan.statements[:-1], plan.params[:-1], strict=True):
+                await conn.fetch(sql, *params)
+            row = await conn.fetchrow(plan.statements[-1])
             out[e] = (row["upserted"], row["deleted"])
     return out
 

@@ -38,6 +38,7 @@ from tvproxy.tview.opaque import (
     reject_sql,
 )
 from tvproxy.tview.planner import ALL_KEYS, KeysWhen, RefreshPlan, plan_refresh
+from tvproxy.tview.returning_hooks import ReturningHooks
 from tvproxy.tview.tracker import TransactionTracker
 from tvproxy.tview.twophase import catch_up, encode_keys, insert_sql
 from tvproxy.tview.txcontrol import TxKind, classify
@@ -282,8 +283,9 @@ class TviewEngine:
         return st
 
 
-class TviewSession:
-    """The hooks of one client: its transaction's keys and what to inject."""
+class TviewSession(ReturningHooks):
+    """The hooks of one client: its transaction's keys and what to inject (appended RETURNING
+    for writes whose keys the text does not name: tview/returning_hooks.py)."""
 
     def __init__(self, engine: TviewEngine, client: ClientSession) -> None:
         self.engine = engine
@@ -306,6 +308,7 @@ class TviewSession:
         self.committed_prepared: list[str] = []  # COMMIT PREPARED gids to catch up after
         self.flushed: set[str] = set()  # entities read-your-writes refreshed in this transaction
         self.txn = 0
+        self._init_returning()
 
     # --- recording keys --------------------------------------------------------------------
 
@@ -317,7 +320,8 @@ class TviewSession:
             name = cat.audit_name.get(w.table, w.table)
             n = -1 if keys is None or self.span.get(name, 0) < 0 else len(keys)
             self.span[name] = -1 if n < 0 else self.span.get(name, 0) + n
-        old_values_needed = w.op != "insert" and (w.op != "update" or w.assigns_key_columns)
+        # an upsert's DO UPDATE moves children too
+        old_values_needed = w.op not in ("insert", "update") or w.assigns_key_columns
         parents = cat.aggregated_into.get(w.entity, ())
         if parents and old_values_needed:
             if keys is None:
@@ -455,6 +459,8 @@ class TviewSession:
         """What every statement text goes through (Query or Parse): flush for reads of tv_
         tables, the opaque-writes audit, transaction control, and the tracked writes it makes
         (with whether it is an opaque writer)."""
+        if self.ret_live or self.inflight:  # keys that have not all arrived yet
+            self._returning_plan_point(sql, cat)
         self._read_your_writes(sql, pre, cat)
         opaque = self._audit(sql, pre, cat)
         self._tx_commands(sql, pre, cat)
@@ -476,7 +482,12 @@ class TviewSession:
         pre: list[tuple[bytes, object]] = []
         writes, _opaque = self._statement(text.decode("utf-8", "replace"), pre, cat)
         self.hold = not any(w.op == "copy" for w in writes)  # COPY data must still flow
+        rw = self.ret_query = self._returning_rewrite(client, text, writes, cat) if writes \
+            else None
         for w in writes:
+            if rw is not None:  # keys come back in the appended RETURNING
+                self._touch_returning(cat, w, rw)
+                continue
             keys = None if w.keys is None or any(k.param is not None for k in w.keys) else [
                 k.value for k in w.keys]
             self._touch(cat, w, keys, pre)
@@ -494,7 +505,12 @@ class TviewSession:
         sql = text.decode("utf-8", "replace")
         if name:
             if self._matters(sql, cat):
-                self.stmts[name] = _Prepared(sql, (), False, True)
+                try:
+                    writes = capture(sql, cat.tracked)
+                except pglast.parser.ParseError:
+                    writes = ()
+                opaque = bool(cat.audited) and is_opaque(sql, cat.functions, cat.trigger_tables)
+                self.stmts[name] = _Prepared(sql, writes, opaque, True)
             else:
                 self.stmts.pop(name, None)
             return None

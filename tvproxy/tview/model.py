@@ -50,6 +50,9 @@ class RuntimeCatalog:
     audit_name: dict[str, str] = field(default_factory=dict)  # table -> its audited name
     functions: re.Pattern[str] | None = None
     trigger_tables: frozenset[str] = frozenset()
+    # child entity -> (parent entity, the child's fk column the parent aggregates by)
+    aggregations: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    server_version: int = 0  # major version of the database's server (0: not known)
 
     @property
     def empty(self) -> bool:
@@ -101,6 +104,9 @@ def build_runtime(entries: Sequence[CatalogEntry], tables: Mapping[str, BaseTabl
                     (entity, f"SELECT {q(rule['column'])} FROM {q(child.schema)}.{q(child.name)}"
                              f" WHERE {q(child.pk)} IN ({{keys}})"))
                 cat.aggregated_into.setdefault(entity, []).append(entry.entity)
+                pair = (entry.entity, rule["column"])
+                if pair not in cat.aggregations.get(entity, ()):
+                    cat.aggregations[entity] = (*cat.aggregations.get(entity, ()), pair)
                 cat.preimage.setdefault(entity, []).append(
                     (entry.entity, f"SELECT {q(rule['column'])}::text FROM "
                                    f"{q(child.schema)}.{q(child.name)} WHERE {q(child.pk)} ="

@@ -2,6 +2,13 @@
 
 A plan is a short list of statements sent in one round trip before the COMMIT:
 
+0. *gate*: transaction-scoped advisory locks on the TVIEW keys the transaction names and on the
+   parents those rows read in their new state (fk columns of the views, transitively), before
+   any key set is computed.  Two transactions whose refreshes meet in a row one of them cannot
+   see yet (a post inserted under a user the other renames) take a common lock here: the
+   second computes its key sets and rows after the first committed.  It returns no row.
+   Under REPEATABLE READ/SERIALIZABLE it also gives the gated tv_ rows a no-op UPDATE: the
+   second of two such transactions then fails with 40001, as for any concurrent update.
 1. *keys*: one statement computes, on the transaction's current (pre-refresh) state, the key set
    of every affected TVIEW (explicit keys, plus rows of ``tv_e`` embedding a parent whose keys
    are in the parent's set, transitively) and keeps each set for the rest of the transaction in
@@ -39,8 +46,13 @@ class TviewSpec:
 @dataclass(frozen=True)
 class RefreshPlan:
     entities: tuple[str, ...]  # refreshed TVIEWs, in order
-    statements: tuple[str, ...]  # keys, locks, then one per TVIEW
+    statements: tuple[str, ...]  # [gate], keys, locks, then one per TVIEW
     params: tuple[tuple[object, ...], ...]  # bound parameters of each statement
+
+    @property
+    def first_refresh(self) -> int:
+        """Index of the first per-TVIEW refresh statement."""
+        return len(self.statements) - len(self.entities)
 
 
 def _setting(entity: str) -> str:
@@ -169,6 +181,10 @@ def plan_refresh(
     all_params: list[tuple[object, ...]] = [tuple(params)]
 
     rank = {e: i for i, e in enumerate(order)}
+    gate = _gate_sql(specs, order, touched, key_types, lock_namespace, all_keys)
+    if gate is not None:
+        statements.insert(0, gate[0])
+        all_params.insert(0, gate[1])
     lock_rows = " UNION ALL ".join(
         f"SELECT {rank[e]} AS r, k::text AS k FROM unnest(current_setting('{_setting(e)}')"
         f"::{specs[e].pk_type}[]) k"
@@ -183,6 +199,61 @@ def plan_refresh(
         statements.append(_refresh_sql(specs[e]))
         all_params.append(())
     return RefreshPlan(entities, tuple(statements), tuple(all_params))
+
+
+def _gate_sql(specs: Mapping[str, TviewSpec], order: Sequence[str],
+              touched: Mapping[str, Collection[Hashable]], key_types: Mapping[str, str],
+              lock_namespace: int, all_keys: Mapping[str, str]) -> tuple[str, tuple] | None:
+    """The gate statement (module doc, step 0) and its parameters; None when the transaction
+    names no TVIEW key."""
+    rank = {e: i for i, e in enumerate(order)}
+    params: list[object] = []
+    rows: list[tuple[str, str]] = []  # (entity, SELECT of keys to lock)
+
+    def up(e: str, keys: str, seen: tuple[str, ...]) -> None:
+        rows.append((e, keys))
+        spec = specs[e]
+        view = f"{q(spec.schema)}.{q(spec.view)}"
+        for fk, parent in spec.embeds:
+            if parent in specs and parent not in seen:
+                up(parent, f"SELECT v.{q(fk)} FROM {view} v WHERE v.{q(spec.pk)} IN ({keys})",
+                   (*seen, parent))
+
+    for e in order:
+        keys = touched.get(e)
+        if e not in specs or not keys:
+            continue
+        if ALL_KEYS in keys and e in all_keys:
+            up(e, all_keys[e], (e,))
+            continue
+        conds = sorted({k.condition for k in keys if isinstance(k, KeysWhen)})
+        if conds and e in all_keys:
+            up(e, f"SELECT * FROM ({all_keys[e]}) a WHERE {' OR '.join(conds)}", (e,))
+        named = sorted(_explicit(keys), key=str)
+        if named:
+            params.append(named)
+            up(e, f"SELECT unnest(${len(params)}::{key_types[e]}[])", (e,))
+    if not rows:
+        return None
+    lock_rows = " UNION ".join(
+        f"SELECT {rank[e]} AS r, k::{specs[e].pk_type}::text AS k FROM ({sql}) s(k)"
+        for e, sql in rows)
+    # Under REPEATABLE READ and SERIALIZABLE the snapshot predates the locks: the gated tv_
+    # rows that exist get a no-op UPDATE instead, so two transactions meeting there are
+    # ordered by PostgreSQL's own rule for concurrent updates (the later one fails with 40001
+    # and its client retries with a snapshot that sees the other's writes).
+    bumps = []
+    for e in dict.fromkeys(e for e, _ in rows):
+        spec = specs[e]
+        tv, pk = f"{q(spec.schema)}.{q(spec.table)}", q(spec.pk)
+        bumps.append(f"b{rank[e]} AS (UPDATE {tv} t SET {pk} = t.{pk} WHERE "
+                     f"current_setting('transaction_isolation') <> 'read committed' AND "
+                     f"(SELECT n FROM c) >= 0 AND "  # after the locks: no deadlock, just 40001
+                     f"t.{pk} IN (SELECT k::{spec.pk_type} FROM g WHERE r = {rank[e]}))")
+    return (f"WITH g AS MATERIALIZED (SELECT r, k FROM ({lock_rows}) l WHERE k IS NOT NULL), "
+            f"c AS MATERIALIZED (SELECT count(pg_advisory_xact_lock({int(lock_namespace)}, "
+            f"hashtext(r || ':' || k))) AS n FROM (SELECT r, k FROM g ORDER BY r, k) o), "
+            f"{', '.join(bumps)} SELECT n FROM c WHERE n < 0", tuple(params))
 
 
 def _refresh_sql(spec: TviewSpec) -> str:

@@ -22,9 +22,10 @@ def _merge(into: Keys, keys: Keys) -> None:
 
 
 class TransactionTracker:
-    __slots__ = ("_flushed", "_levels", "_names", "_statement")
+    __slots__ = ("_flushed", "_levels", "_names", "_statement", "generation")
 
     def __init__(self) -> None:
+        self.generation = 0  # one more at every reset: keys that arrive late know their transaction
         self._levels: list[Keys] = [{}]
         self._names: list[str] = []  # savepoint names, one per level above the first
         self._statement: Keys = {}
@@ -123,6 +124,7 @@ class TransactionTracker:
 
     def reset(self) -> None:
         """COMMIT, ROLLBACK or PREPARE TRANSACTION: nothing is pending any more."""
+        self.generation += 1
         self._levels = [{}]
         self._names = []
         self._statement = {}
