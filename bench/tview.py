@@ -639,7 +639,8 @@ async def _profile(host: str, port: int, users: int, posts: int, reps: int) -> d
                 )
                 if plan is None:
                     continue
-                labels = ["keys", "locks", *(f"refresh tv_{e}" for e in plan.entities)]
+                head = ["gate", "keys", "locks"][-plan.first_refresh:] if plan.first_refresh else []
+                labels = [*head, *(f"refresh tv_{e}" for e in plan.entities)]
                 # the base writes first, as in the client's transaction; all rolled back
                 await tv.execute("BEGIN")
                 try:

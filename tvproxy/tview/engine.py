@@ -687,7 +687,8 @@ class TviewSession(ReturningHooks):
         cfg = self.engine.cfg
         try:
             plan = plan_refresh(cat.specs, cat.order, keys, cat.key_types, cfg.lock_namespace,
-                                cfg.max_propagation_depth, cat.all_keys, cat.derived)
+                                cfg.max_propagation_depth, cat.all_keys, cat.derived,
+                                cat.fk_sources)
         except TviewError as exc:  # 54001: fail the COMMIT with it
             return RefreshPlan((), (f"DO $$BEGIN RAISE EXCEPTION USING ERRCODE = "
                                     f"'{exc.sqlstate}', MESSAGE = "

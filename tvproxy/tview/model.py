@@ -45,6 +45,8 @@ class RuntimeCatalog:
     full_on: dict[str, list[str]] = field(default_factory=dict)  # base entity -> full TVIEWs
     # child entity -> (parent entity, SELECT of the parent keys of children $1) before a write
     preimage: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    # (TVIEW entity, fk column) -> SELECT of the fk from its own base table for keys {keys}
+    fk_sources: dict[tuple[str, str], str] = field(default_factory=dict)
     # opaque writers (tview/opaque.py): tracked tables by quoted qualified name -> entity
     audited: dict[str, str] = field(default_factory=dict)
     audit_name: dict[str, str] = field(default_factory=dict)  # table -> its audited name
@@ -125,6 +127,13 @@ def build_runtime(entries: Sequence[CatalogEntry], tables: Mapping[str, BaseTabl
             fk = f"fk_{dep}"
             if dep in cat.entries and fk in columns and (fk, dep) not in embeds:
                 embeds.append((fk, dep))
+        own = next((tables[r["table"]] for r in mapping.get("rules", ())
+                    if r["rule"] == "self" and r["table"] in tables), None)
+        for fk, _parent in embeds:
+            if own is not None and fk in own.columns and own.pk == entry.pk_column:
+                cat.fk_sources[(entry.entity, fk)] = (
+                    f"SELECT {q(fk)} FROM {q(own.schema)}.{q(own.name)} WHERE {q(own.pk)} IN "
+                    f"({{keys}})")
         spec = TviewSpec(entry.entity, entry.table_name, entry.view_name, entry.pk_column,
                          entry.pk_type, columns, tuple(embeds), mapping.get("schema", schema))
         cat.specs[entry.entity] = spec

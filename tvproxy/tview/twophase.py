@@ -64,7 +64,8 @@ async def catch_up(conn: Any, cat: RuntimeCatalog, schema: str, database: str,
         for row in rows:
             keys = {e: v for e, v in decode_keys(row[1]).items() if e in cat.key_types}
             plan = plan_refresh(cat.specs, cat.order, keys, cat.key_types, lock_namespace,
-                                max_depth, cat.all_keys, cat.derived) if keys else None
+                                max_depth, cat.all_keys, cat.derived,
+                                cat.fk_sources) if keys else None
             if plan is not None:
                 for stmt, params in zip(plan.statements, plan.params, strict=True):
                     await conn.fetch(stmt, *params)
