@@ -635,7 +635,8 @@ async def _profile(host: str, port: int, users: int, posts: int, reps: int) -> d
                 x, y = rnd.randint(1, posts), rnd.randint(1, users)
                 keys = {e: {x if v == "x" else y} for e, v in touch.items()}
                 plan = plan_refresh(
-                    rt.specs, rt.order, keys, rt.key_types, 0x7476, 100, rt.all_keys, rt.derived
+                    rt.specs, rt.order, keys, rt.key_types, 0x7476, 100, rt.all_keys, rt.derived,
+                    rt.fk_sources,
                 )
                 if plan is None:
                     continue
