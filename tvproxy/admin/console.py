@@ -89,13 +89,7 @@ def parse_bind(body: bytes) -> tuple[bytes, bytes, int, list[int]]:
     """Bind body -> (portal, statement, number of parameters, result format codes)."""
     try:
         portal, stmt, pos = D.bind_names(body)
-        (nfmt,) = unpack_from("!H", body, pos)
-        pos += 2 + 2 * nfmt
-        (nparams,) = unpack_from("!H", body, pos)
-        pos += 2
-        for _ in range(nparams):
-            (size,) = unpack_from("!i", body, pos)
-            pos += 4 + max(size, 0)
+        nparams, pos = D.bind_results(body, pos)
         (nres,) = unpack_from("!H", body, pos)
         codes = list(unpack_from(f"!{nres}h", body, pos + 2))
     except StructError as exc:

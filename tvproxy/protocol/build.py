@@ -185,6 +185,32 @@ def parse_raw(name: bytes, rest: bytes) -> bytes:
     return message(b"P", name + b"\x00" + rest)
 
 
+def text_value(value: object) -> bytes | None:
+    """A Python value as a text-format parameter: None is NULL, lists are 1-D arrays."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return b"t" if value else b"f"
+    if isinstance(value, list | tuple):
+        items = (str(v) if isinstance(v, int) and not isinstance(v, bool)
+                 else '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+                 for v in value)
+        return ("{" + ",".join(items) + "}").encode()
+    return str(value).encode()
+
+
+def bind(statement: bytes, values: Sequence[bytes | None], portal: bytes = b"") -> bytes:
+    """Bind with text parameters (NULL for None) and text results."""
+    body = portal + b"\x00" + statement + b"\x00" + pack("!HH", 0, len(values))
+    for v in values:
+        body += pack("!i", -1) if v is None else pack("!i", len(v)) + v
+    return message(b"B", body + b"\x00\x00")
+
+
+def execute(portal: bytes = b"", max_rows: int = 0) -> bytes:
+    return message(b"E", portal + b"\x00" + pack("!i", max_rows))
+
+
 def close_statement(name: bytes) -> bytes:
     return message(b"C", b"S" + name + b"\x00")
 

@@ -216,6 +216,19 @@ def data_row(body: bytes) -> list[bytes | None]:
     return _values(body, 0)
 
 
+def bind_results(body: bytes, pos: int) -> tuple[int, int]:
+    """Bind body from just after the statement name -> (number of parameters, offset of the
+    result format count).  Raises ``struct.error`` on a short body."""
+    (nfmt,) = unpack_from("!H", body, pos)
+    pos += 2 + 2 * nfmt
+    (nparams,) = unpack_from("!H", body, pos)
+    pos += 2
+    for _ in range(nparams):
+        (size,) = unpack_from("!i", body, pos)
+        pos += 4 + max(size, 0)
+    return nparams, pos
+
+
 def bind_params(body: bytes, pos: int) -> tuple[list[int], list[bytes | None]]:
     """Bind body from just after the statement name -> (format codes, parameter values)."""
     (nfmt,) = unpack_from("!H", body, pos)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from struct import pack, unpack_from
 
+from tvproxy.protocol.decode import bind_results
 from tvproxy.protocol.errors import ProtocolError
 
 NO_DATA = b"n\x00\x00\x00\x04"
@@ -75,13 +76,7 @@ def split_data_row(body: bytes | bytearray | memoryview,
 def extend_result_formats(body: bytes, pos: int, n_extra: int) -> bytes:
     """Bind body (``pos``: just after the statement name) whose per-column result format codes
     are extended with ``n_extra`` text codes; ``body`` itself when it has zero or one code."""
-    (nfmt,) = unpack_from("!H", body, pos)
-    pos += 2 + 2 * nfmt
-    (nparams,) = unpack_from("!H", body, pos)
-    pos += 2
-    for _ in range(nparams):
-        (size,) = unpack_from("!i", body, pos)
-        pos += 4 + (size if size > 0 else 0)
+    _nparams, pos = bind_results(body, pos)
     (nres,) = unpack_from("!H", body, pos)
     if pos + 2 + 2 * nres != len(body):
         raise ProtocolError("invalid Bind message")

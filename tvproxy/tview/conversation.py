@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from struct import pack, unpack_from
+from struct import unpack_from
 from typing import Any
 
 from tvproxy.protocol import build as B
@@ -103,24 +103,9 @@ def _value(raw: bytes | None, oid: int) -> Any:
     return text
 
 
-def _param(value: Any) -> bytes | None:
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        return b"t" if value else b"f"
-    if isinstance(value, list | tuple):
-        items = ('"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"' for v in value)
-        return ("{" + ",".join(items) + "}").encode()
-    return str(value).encode()
-
-
 def statement_batch(sql: str, args: tuple[Any, ...]) -> bytes:
-    body = b"\x00\x00" + pack("!HH", 0, len(args))
-    for a in args:
-        v = _param(a)
-        body += pack("!i", -1) if v is None else pack("!i", len(v)) + v
-    return (B.parse(b"", sql.encode()) + B.message(b"B", body + b"\x00\x00")
-            + B.message(b"D", b"P\x00") + B.message(b"E", b"\x00\x00\x00\x00\x00") + B.SYNC)
+    return (B.parse(b"", sql.encode()) + B.bind(b"", [B.text_value(a) for a in args])
+            + B.message(b"D", b"P\x00") + B.execute() + B.SYNC)
 
 
 class _Block:

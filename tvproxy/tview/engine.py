@@ -17,7 +17,6 @@ import time
 import uuid
 from collections.abc import Hashable
 from dataclasses import dataclass
-from struct import pack
 from typing import TYPE_CHECKING, Any
 
 import pglast
@@ -73,16 +72,6 @@ class EntityStats:
     last_refresh_at: float = 0.0
 
 
-def _array_literal(values: list[object]) -> bytes:
-    parts = []
-    for v in values:
-        if isinstance(v, int):
-            parts.append(str(v))
-        else:
-            parts.append('"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"')
-    return ("{" + ",".join(parts) + "}").encode()
-
-
 MAX_ENGINE_STATEMENTS = 512  # refresh statements kept prepared per server
 
 
@@ -109,16 +98,12 @@ def plan_messages(plan: RefreshPlan, server: Any = None) -> tuple[bytes, tuple[b
         if not name:
             out.append(B.parse(b"", sql.encode()))
         out.append(_bind(name, params))
-        out.append(B.message(b"E", b"\x00\x00\x00\x00\x00"))
+        out.append(B.execute())
     return b"".join(out), tuple(new)
 
 
 def _bind(statement: bytes, params: tuple[object, ...] | list[object]) -> bytes:
-    body = b"\x00" + statement + b"\x00" + pack("!HH", 0, len(params))
-    for p in params:
-        val = _array_literal(p) if isinstance(p, list) else str(p).encode()
-        body += pack("!i", len(val)) + val
-    return B.message(b"B", body + b"\x00\x00")
+    return B.bind(statement, [B.text_value(p) for p in params])
 
 
 def statement_messages(statements: tuple[str, ...] | list[str],
@@ -129,7 +114,7 @@ def statement_messages(statements: tuple[str, ...] | list[str],
     for sql, params in zip(statements, all_params, strict=True):
         out.append(B.parse(b"", sql.encode()))
         out.append(_bind(b"", params))
-        out.append(B.message(b"E", b"\x00\x00\x00\x00\x00"))
+        out.append(B.execute())
     return b"".join(out)
 
 
@@ -873,10 +858,8 @@ def _all_affected(cat: RuntimeCatalog, entity: str) -> list[str]:
 def _preimage_batch(sql: str, keys: list[Hashable]) -> bytes:
     """A SELECT of parent keys, on a named statement so a client's unnamed one survives."""
     name = b"tvproxy_preimage"
-    val = _array_literal(list(keys))
-    return (B.parse(name, sql.encode()) + B.message(
-        b"B", b"\x00" + name + b"\x00" + pack("!HHi", 0, 1, len(val)) + val + b"\x00\x00")
-        + B.message(b"E", b"\x00\x00\x00\x00\x00") + B.close_statement(name) + B.SYNC)
+    return (B.parse(name, sql.encode()) + B.bind(name, [B.text_value(list(keys))])
+            + B.execute() + B.close_statement(name) + B.SYNC)
 
 
 def _sql_literal(text: str) -> str:
