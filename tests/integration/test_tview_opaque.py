@@ -11,7 +11,7 @@ import asyncpg
 import psycopg
 import pytest
 import tview_fixture
-from tview_fixture import FIXTURE, TVIEWS, oracle
+from tview_fixture import oracle
 
 fixture_f = tview_fixture.fixture_f
 
@@ -41,6 +41,10 @@ def writers(pg: Any, fixture_f: Any) -> Any:
     with psycopg.connect(fixture_f.dsn("app"), autocommit=True) as c:
         c.execute(WRITERS)  # through the proxy: it reloads what it audits before answering
     yield fixture_f
+    _drop_writers(pg)
+
+
+def _drop_writers(pg: Any) -> None:
     with psycopg.connect(pg.dsn("app"), autocommit=True) as c:
         c.execute("DROP TABLE IF EXISTS tb_log; DROP FUNCTION IF EXISTS rename_user, "
                   "log_retitles; DROP PROCEDURE IF EXISTS rename_company")
@@ -150,12 +154,9 @@ async def test_asyncpg_prepared_opaque(pg: Any, writers: Any) -> None:
 
 def test_reject_policy(pg: Any, proxy_factory: Any) -> None:
     proxy = proxy_factory(tview={"opaque_writes": "reject"})
-    with psycopg.connect(pg.dsn("app"), autocommit=True) as c:
-        c.execute(FIXTURE)
     try:
+        tview_fixture.reset(pg, proxy)
         with psycopg.connect(proxy.dsn("app"), autocommit=True) as c:
-            for ddl in TVIEWS:
-                c.execute(ddl)
             c.execute(WRITERS)
             with pytest.raises(psycopg.errors.FeatureNotSupported) as err:
                 c.execute("DO $$BEGIN UPDATE tb_user SET name = 'No' WHERE pk_user = 1; END$$")
@@ -168,8 +169,5 @@ def test_reject_policy(pg: Any, proxy_factory: Any) -> None:
         oracle(pg)
     finally:
         proxy.stop()
-        with psycopg.connect(pg.dsn("app"), autocommit=True) as c:
-            c.execute("DROP TABLE IF EXISTS tb_log; DROP FUNCTION IF EXISTS rename_user, "
-                      "log_retitles; DROP PROCEDURE IF EXISTS rename_company")
-            c.execute(FIXTURE)
-            c.execute("DROP SCHEMA IF EXISTS tvproxy CASCADE")
+        _drop_writers(pg)
+        tview_fixture.cleanup(pg)

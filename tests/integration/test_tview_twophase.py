@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 import tview_fixture
 from harness import wait_until
-from tview_fixture import FIXTURE, TVIEWS, oracle
+from tview_fixture import oracle
 
 fixture_f = tview_fixture.fixture_f
 
@@ -49,12 +49,8 @@ def test_prepare_then_commit_prepared_elsewhere(pg: Any, fixture_f: Any) -> None
 
 def test_commit_prepared_on_the_server_is_recovered(pg: Any, proxy_factory: Any) -> None:
     proxy = proxy_factory(tview={"recovery_interval": 0.5})
-    with psycopg.connect(pg.dsn("app"), autocommit=True) as c:
-        c.execute(FIXTURE)
     try:
-        with psycopg.connect(proxy.dsn("app"), autocommit=True) as c:
-            for ddl in TVIEWS:
-                c.execute(ddl)
+        tview_fixture.reset(pg, proxy)
         with psycopg.connect(proxy.dsn("app")) as c:
             c.execute("UPDATE tb_user SET name = 'direct' WHERE pk_user = 2")
             c.execute("PREPARE TRANSACTION 'g3'")
@@ -66,6 +62,4 @@ def test_commit_prepared_on_the_server_is_recovered(pg: Any, proxy_factory: Any)
         oracle(pg)
     finally:
         proxy.stop()
-        with psycopg.connect(pg.dsn("app"), autocommit=True) as c:
-            c.execute(FIXTURE)
-            c.execute("DROP SCHEMA IF EXISTS tvproxy CASCADE")
+        tview_fixture.cleanup(pg)
