@@ -249,6 +249,9 @@ class TviewEngine:
                 await conn.close()
             if not cat.empty:
                 await self._listen(database)
+                if not cat.track_counts:
+                    log.warning("track_counts is off: writes through functions, triggers, CALL"
+                                " or DO cannot be audited", database=database)
         except Exception as exc:  # noqa: BLE001 - keep the old catalog, say why
             log.warning("tview catalog load failed", database=database, error=str(exc))
 

@@ -52,6 +52,7 @@ class RuntimeCatalog:
     audit_name: dict[str, str] = field(default_factory=dict)  # table -> its audited name
     functions: re.Pattern[str] | None = None
     trigger_tables: frozenset[str] = frozenset()
+    track_counts: bool = True  # off: the audit cannot see opaque writes
     # child entity -> (parent entity, the child's fk column the parent aggregates by)
     aggregations: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
     server_version: int = 0  # major version of the database's server (0: not known)
@@ -67,6 +68,7 @@ def build_runtime(entries: Sequence[CatalogEntry], tables: Mapping[str, BaseTabl
     if opaque is not None:
         cat.functions = function_pattern(opaque.functions)
         cat.trigger_tables = opaque.trigger_tables
+        cat.track_counts = opaque.track_counts
     cat.entries = {e.entity: e for e in entries}
     depends = {e.entity: {d for d in e.depends_on if d in cat.entries} for e in entries}
     cat.order = refresh_order(depends)
