@@ -230,7 +230,7 @@ async def refresh_full(conn: Any, entity: str | None = None,
             assert plan is not None
             for sql, params in zip(plan.statements[:-1], plan.params[:-1], strict=True):
                 await conn.fetch(sql, *params)
-            row = await conn.fetchrow(plan.statements[-1])
+            row = await conn.fetchrow(plan.statements[-1], *plan.params[-1])
             out[e] = (row["upserted"], row["deleted"])
     return out
 

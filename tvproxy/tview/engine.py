@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import re
 import time
 import uuid
@@ -36,7 +35,7 @@ from tvproxy.tview.opaque import (
     opaque_condition,
     reject_sql,
 )
-from tvproxy.tview.planner import ALL_KEYS, KeysWhen, RefreshPlan, plan_refresh
+from tvproxy.tview.planner import ALL_KEYS, KeysWhen, RefreshPlan, plan_refresh, statement_name
 from tvproxy.tview.returning_hooks import ReturningHooks
 from tvproxy.tview.tracker import TransactionTracker
 from tvproxy.tview.twophase import catch_up, encode_keys, insert_sql
@@ -83,10 +82,11 @@ def plan_messages(plan: RefreshPlan, server: Any = None) -> tuple[bytes, tuple[b
     known: set[bytes] = server.engine_statements if server is not None else set()
     out = []
     new: list[bytes] = []
-    for sql, params in zip(plan.statements, plan.params, strict=True):
+    names = plan.names or tuple(statement_name(sql) for sql in plan.statements)
+    for sql, params, digest in zip(plan.statements, plan.params, names, strict=True):
         name = b""
         if server is not None:
-            name = b"tvproxy_" + hashlib.sha1(sql.encode()).hexdigest()[:20].encode()
+            name = digest
             if name not in known:
                 if len(known) < MAX_ENGINE_STATEMENTS:
                     # Close first: a batch that failed may or may not have prepared it
@@ -669,14 +669,15 @@ class TviewSession(ReturningHooks):
 
     # --- ends of transactions --------------------------------------------------------------
 
-    def _plan(self, cat: RuntimeCatalog, keys: dict[str, set[Hashable]]) -> RefreshPlan | None:
+    def _plan(self, cat: RuntimeCatalog, keys: dict[str, set[Hashable]],
+              flush: bool = False) -> RefreshPlan | None:
         if not keys:
             return None
         cfg = self.engine.cfg
         try:
             plan = plan_refresh(cat.specs, cat.order, keys, cat.key_types, cfg.lock_namespace,
                                 cfg.max_propagation_depth, cat.all_keys, cat.derived,
-                                cat.fk_sources)
+                                cat.fk_sources, mid_transaction=flush, cache=cat.plans)
         except TviewError as exc:  # 54001: fail the COMMIT with it
             return RefreshPlan((), (f"DO $$BEGIN RAISE EXCEPTION USING ERRCODE = "
                                     f"'{exc.sqlstate}', MESSAGE = "
@@ -697,11 +698,12 @@ class TviewSession(ReturningHooks):
                 marker = KeysWhen(opaque_condition(name))
                 for e in _all_affected(cat, entity):
                     keys.setdefault(e, set()).add(marker)
-        plan = self._plan(cat, keys)
+        plan = self._plan(cat, keys, flush)
         if self.engine.cfg.opaque_writes == "reject" and (waiting or self.opaque_tables):
             check = reject_sql()
             plan = RefreshPlan((), (check,), ((),)) if plan is None else RefreshPlan(
-                plan.entities, (check, *plan.statements), ((), *plan.params))
+                plan.entities, (check, *plan.statements), ((), *plan.params),
+                plan.first_refresh + 1, (statement_name(check), *plan.names), plan.full)
         if not flush and self.flushed:  # read-your-writes refreshed these before
             if plan is None:
                 self._count_commit(list(self.flushed), total=True)
@@ -820,20 +822,28 @@ class TviewSession(ReturningHooks):
             self.flushed.update(plan.entities)
         else:
             self._count_commit([], total=True)
-        # rows: keys statement (one row, one count per entity), lock count, one row per TVIEW
-        counts = rows[0] if rows else []
-        refreshed = rows[2:]
+        # rows: one per statement; each refresh gives (keys, upserted, deleted, cascaded)
+        first = plan.first_refresh
+        refreshed = rows[first:first + len(plan.entities)]
+        counts: list[int] = []
         now = time.time()
         for i, entity in enumerate(plan.entities):
             st = self.engine.stat(db, entity)
             st.commits += 0 if flush else 1
             st.refresh_statements += 1
-            keys = int(counts[i]) if i < len(counts) and counts[i] is not None else 0
+            row = refreshed[i] if i < len(refreshed) else []
+            keys, up, dele, cascaded = (int(v or 0) for v in (*row, 0, 0, 0, 0)[:4])
+            counts.append(keys)
             st.keys_enqueued += keys
-            if i < len(refreshed):
-                up, dele = refreshed[i][0], refreshed[i][1]
-                st.rows_refreshed += int(up or 0)
-                st.rows_deleted += int(dele or 0)
+            st.rows_refreshed += up
+            st.rows_deleted += dele
+            st.cascade_rows += cascaded
+            total.rows_refreshed += up
+            total.rows_deleted += dele
+            total.cascade_rows += cascaded
+            if entity in plan.full:
+                st.full_refreshes += 1
+                total.full_refreshes += 1
             st.total_refresh_us += elapsed
             st.max_refresh_us = max(st.max_refresh_us, elapsed)
             st.last_refresh_at = now
@@ -842,7 +852,7 @@ class TviewSession(ReturningHooks):
         total.max_refresh_us = max(total.max_refresh_us, elapsed)
         total.last_refresh_at = now
         log.info("tview refresh", client=self.client.id, database=db,
-                 entities=list(plan.entities), keys=[int(c or 0) for c in counts],
+                 entities=list(plan.entities), keys=counts,
                  statements=len(plan.statements), ms=round(elapsed / 1000, 3))
         return False
 

@@ -56,6 +56,7 @@ class RuntimeCatalog:
     # child entity -> (parent entity, the child's fk column the parent aggregates by)
     aggregations: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
     server_version: int = 0  # major version of the database's server (0: not known)
+    plans: dict[object, object] = field(default_factory=dict)  # refresh plan templates by shape
 
     @property
     def empty(self) -> bool:

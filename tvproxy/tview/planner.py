@@ -1,34 +1,50 @@
 """Touched keys -> the ordered refresh SQL of one transaction (pure, no I/O).
 
-A plan is a short list of statements sent in one round trip before the COMMIT:
+A plan is a short list of statements sent in one round trip before the COMMIT.  Each returns
+one row.  Keys are bound as array parameters; the statements of one *shape* (which entities
+have named keys, which are refreshed fully) are always the same text, so the proxy prepares
+them once per server and PostgreSQL runs them from a generic plan:
 
-0. *gate*: transaction-scoped advisory locks on the TVIEW keys the transaction names and on the
-   parents those rows read in their new state (fk columns of the views, transitively), before
-   any key set is computed.  Two transactions whose refreshes meet in a row one of them cannot
-   see yet (a post inserted under a user the other renames) take a common lock here: the
-   second computes its key sets and rows after the first committed.  It returns no row.
-   Under REPEATABLE READ/SERIALIZABLE it also gives the gated tv_ rows a no-op UPDATE: the
-   second of two such transactions then fails with 40001, as for any concurrent update.
-1. *keys*: one statement computes, on the transaction's current (pre-refresh) state, the key set
-   of every affected TVIEW (explicit keys, plus rows of ``tv_e`` embedding a parent whose keys
-   are in the parent's set, transitively) and keeps each set for the rest of the transaction in
-   a transaction-local setting ``tvproxy.k_<hex of entity>``.  Computing all sets in one statement
-   means every set sees the same old state, whatever the refresh order.
-2. *locks*: transaction-scoped advisory locks on every key, in one global order (entity rank,
-   key), in their own statement, before anything is recomputed.
-3. *refresh*: one statement per TVIEW, dependencies first: recompute ``v_e`` for the keys,
-   upsert rows that changed (``IS DISTINCT FROM``), delete rows that vanished.
+0. *mode*: ``plan_cache_mode = force_generic_plan`` for the rest of the transaction (the plan
+   then never re-plans at a Bind; the COMMIT ends it; a mid-transaction plan restores the
+   client's value in a last statement).
+1. *gate*: transaction-scoped advisory locks, in one global order (entity rank, key):
+   exclusive on every TVIEW key the transaction rewrites that is known before anything is read
+   (the keys it names, parents of aggregated children it wrote), shared on the parents those
+   rows read (their new state, transitively).  Two transactions wait for each other only where
+   one rewrites a row the other rewrites or reads: two inserts of children under one parent do
+   not wait, a rename of the parent and an insert under it do.  Left out when no locked row
+   reads or is read by another TVIEW (a TVIEW fed only by its own base rows, which the
+   transaction holds row locks on already).
+2. *expand*: exclusive locks on the rows that embed a rewritten parent (``tv_e`` rows whose
+   ``fk_`` column names it, transitively), computed after the gate, so a parent's children are
+   found once whoever inserts under it has committed.  Only when some parent is embedded.
+3. *refresh*: one statement per TVIEW, dependencies first: its key set (named keys, the
+   current parents of aggregated children, the rows embedding a refreshed parent), the
+   recomputed ``v_e`` rows for those keys, upserts of rows that changed (``IS DISTINCT FROM``),
+   deletes of rows that vanished.  Its snapshot is taken after every lock was granted, so under
+   READ COMMITTED it sees everything committed before.
+
+Under REPEATABLE READ and SERIALIZABLE the snapshot predates the locks: the gate and the expand
+statement also give the locked tv_ rows a no-op UPDATE, so the later of two transactions that
+meet there fails with 40001 (PostgreSQL's rule for concurrent updates) and its client retries.
 
 Identifiers are quoted here; key values are always bound parameters (arrays).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Collection, Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tvproxy.tview.analyze import TviewError
 from tvproxy.tview.analyze import quote_ident as q
+
+MODE_SQL = ("SELECT set_config('tvproxy.plan_cache_mode', current_setting('plan_cache_mode'),"
+            " true), set_config('plan_cache_mode', 'force_generic_plan', true)")
+RESTORE_SQL = ("SELECT set_config('plan_cache_mode', current_setting('tvproxy.plan_cache_mode'),"
+               " true)")
 
 
 @dataclass(frozen=True)
@@ -46,18 +62,15 @@ class TviewSpec:
 @dataclass(frozen=True)
 class RefreshPlan:
     entities: tuple[str, ...]  # refreshed TVIEWs, in order
-    statements: tuple[str, ...]  # [gate], keys, locks, then one per TVIEW
+    statements: tuple[str, ...]  # mode, [gate], [expand], one per TVIEW, [restore]
     params: tuple[tuple[object, ...], ...]  # bound parameters of each statement
-
-    @property
-    def first_refresh(self) -> int:
-        """Index of the first per-TVIEW refresh statement."""
-        return len(self.statements) - len(self.entities)
+    first_refresh: int = 0  # index of the first per-TVIEW refresh statement
+    names: tuple[bytes, ...] = ()  # prepared-statement name of each statement (by digest)
+    full: tuple[str, ...] = ()  # entities refreshed fully (every key, or opaque conditions)
 
 
-def _setting(entity: str) -> str:
-    # a valid custom setting name whatever the entity is called (hex of its name)
-    return f"tvproxy.k_{entity.encode().hex()}"
+def statement_name(sql: str) -> bytes:
+    return b"tvproxy_" + hashlib.sha1(sql.encode()).hexdigest()[:20].encode()
 
 
 def affected(specs: Mapping[str, TviewSpec], touched: Collection[str],
@@ -108,6 +121,234 @@ def _explicit(keys: Collection[Hashable]) -> list[Hashable]:
     return [k for k in keys if k is not ALL_KEYS and not isinstance(k, KeysWhen)]
 
 
+@dataclass(frozen=True)
+class _Touch:
+    """The shape of one entity's touched keys: what the SQL depends on, not the values."""
+
+    named: bool
+    every: bool
+    conditions: tuple[str, ...]
+
+
+def _shape(touched: Mapping[str, Collection[Hashable]]) -> tuple[tuple[str, _Touch], ...]:
+    out = []
+    for e, keys in touched.items():
+        every = ALL_KEYS in keys
+        conds = () if every else tuple(sorted({k.condition for k in keys
+                                               if isinstance(k, KeysWhen)}))
+        out.append((e, _Touch(not every and bool(_explicit(keys)), every, conds)))
+    return tuple(sorted(out))
+
+
+@dataclass(frozen=True)
+class _Template:
+    """A plan with its keys left out: per statement, the entities whose named keys it binds."""
+
+    entities: tuple[str, ...]
+    statements: tuple[str, ...]
+    slots: tuple[tuple[str, ...], ...]
+    first_refresh: int
+    names: tuple[bytes, ...]
+    full: tuple[str, ...]
+
+    def bind(self, touched: Mapping[str, Collection[Hashable]]) -> RefreshPlan:
+        keys = {e: sorted(_explicit(touched[e]), key=str) for s in self.slots for e in s}
+        params = tuple(tuple(keys[e] for e in s) for s in self.slots)
+        return RefreshPlan(self.entities, self.statements, params, self.first_refresh,
+                           self.names, self.full)
+
+
+@dataclass
+class _Params:
+    """Parameter numbering of one statement: one array per entity with named keys."""
+
+    types: Mapping[str, str]
+    slots: list[str] = field(default_factory=list)
+
+    def array(self, e: str) -> str:
+        if e not in self.slots:
+            self.slots.append(e)
+        return f"${self.slots.index(e) + 1}::{self.types[e]}[]"
+
+
+class _Builder:
+    """The SQL of one plan shape."""
+
+    def __init__(self, specs: Mapping[str, TviewSpec], order: Sequence[str],
+                 shape: Mapping[str, _Touch], key_types: Mapping[str, str], lock_namespace: int,
+                 reach: Mapping[str, int], all_keys: Mapping[str, str],
+                 derived: Mapping[str, Sequence[tuple[str, str]]],
+                 fk_sources: Mapping[tuple[str, str], str]) -> None:
+        self.specs, self.shape, self.types = specs, shape, key_types
+        self.ns = int(lock_namespace)
+        self.reach, self.all_keys, self.derived, self.fk_sources = reach, all_keys, derived, \
+            fk_sources
+        self.rank = {e: i for i, e in enumerate(order)}
+
+    # -- key sets ---------------------------------------------------------------------------
+
+    def direct(self, p: _Params, e: str, seen: tuple[str, ...], expand: bool) -> list[str]:
+        """SELECTs of the keys of ``e`` the transaction names or fully refreshes, and of the
+        parents of aggregated children it wrote."""
+        parts = []
+        t = self.shape.get(e)
+        if t is not None:
+            if t.every and e in self.all_keys:
+                parts.append(self.all_keys[e])
+            else:
+                if t.conditions and e in self.all_keys:
+                    parts.append(f"SELECT * FROM ({self.all_keys[e]}) a WHERE "
+                                 f"{' OR '.join(t.conditions)}")
+                if t.named:
+                    parts.append(f"SELECT unnest({p.array(e)})")
+        for child, template in self.derived.get(e, ()):
+            if child in self.shape and child not in seen:
+                inner = self.keys(p, child, (*seen, e), expand)
+                if inner is not None:
+                    parts.append(template.replace("{keys}", inner))
+        return parts
+
+    def expansions(self, p: _Params, e: str, seen: tuple[str, ...]) -> list[str]:
+        """SELECTs of the rows of ``tv_e`` embedding a parent whose rows are refreshed."""
+        spec = self.specs.get(e)
+        if spec is None:
+            return []
+        tv = f"{q(spec.schema)}.{q(spec.table)}"
+        parts = []
+        for fk, parent in spec.embeds:
+            if parent in seen or (parent not in self.reach and parent not in self.shape):
+                continue
+            inner = self.keys(p, parent, (*seen, e), True)
+            if inner is not None:
+                parts.append(f"SELECT t.{q(spec.pk)} FROM {tv} t WHERE t.{q(fk)} IN ({inner})")
+        return parts
+
+    def keys(self, p: _Params, e: str, seen: tuple[str, ...], expand: bool) -> str | None:
+        parts = self.direct(p, e, seen, expand)
+        if expand:
+            parts += self.expansions(p, e, seen)
+        return " UNION ".join(parts) if parts else None
+
+    def has_expansion(self, e: str, seen: tuple[str, ...] = ()) -> bool:
+        if self.expansions(_Params(self.types), e, seen):
+            return True
+        return any(child in self.shape and child not in seen
+                   and self.has_expansion(child, (*seen, e))
+                   for child, _ in self.derived.get(e, ()))
+
+    # -- statements -------------------------------------------------------------------------
+
+    def _locks(self, rows: list[tuple[str, str, bool]]) -> str:
+        """CTEs ``g`` (rank, key, exclusive) and ``c`` (the locks, in global order), then the
+        no-op UPDATEs of the locked rows under REPEATABLE READ/SERIALIZABLE."""
+        union = " UNION ALL ".join(
+            f"SELECT {self.rank[e]} AS r, k::{self.specs[e].pk_type}::text AS k, {str(x).lower()}"
+            f" AS x FROM ({sql}) s(k)" for e, sql, x in rows)
+        lock = (f"CASE WHEN x THEN pg_advisory_xact_lock({self.ns}, hashtext(r || ':' || k)) "
+                f"ELSE pg_advisory_xact_lock_shared({self.ns}, hashtext(r || ':' || k)) END")
+        bumps = []
+        for e in dict.fromkeys(e for e, _, _ in rows):
+            spec = self.specs[e]
+            tv, pk = f"{q(spec.schema)}.{q(spec.table)}", q(spec.pk)
+            bumps.append(f"b{self.rank[e]} AS (UPDATE {tv} t SET {pk} = t.{pk} WHERE "
+                         f"current_setting('transaction_isolation') <> 'read committed' AND "
+                         f"(SELECT n FROM c) >= 0 AND "  # after the locks: no deadlock, 40001
+                         f"t.{pk} IN (SELECT k::{spec.pk_type} FROM g WHERE r = {self.rank[e]}))")
+        return (f"WITH g AS MATERIALIZED (SELECT r, k, bool_or(x) AS x FROM ({union}) l "
+                f"WHERE k IS NOT NULL GROUP BY r, k), "
+                f"c AS MATERIALIZED (SELECT count({lock}) AS n FROM "
+                f"(SELECT r, k, x FROM g ORDER BY r, k) o), "
+                f"{', '.join(bumps)} SELECT n FROM c")
+
+    def gate(self, entities: Sequence[str]) -> tuple[str, _Params] | None:
+        p = _Params(self.types)
+        rows: list[tuple[str, str, bool]] = []
+        needed = False
+
+        def up(e: str, sql: str, seen: tuple[str, ...]) -> None:
+            spec = self.specs[e]
+            view = f"{q(spec.schema)}.{q(spec.view)}"
+            for fk, parent in spec.embeds:
+                if parent in self.specs and parent not in seen:
+                    src = self.fk_sources.get((e, fk))
+                    psql = (src.replace("{keys}", sql) if src is not None else
+                            f"SELECT v.{q(fk)} FROM {view} v WHERE v.{q(spec.pk)} IN ({sql})")
+                    rows.append((parent, psql, False))
+                    up(parent, psql, (*seen, parent))
+
+        embedded = {parent for s in self.specs.values() for _, parent in s.embeds}
+        for e in entities:
+            parts = self.direct(p, e, (), False)
+            if not parts:
+                continue
+            sql = " UNION ".join(parts)
+            rows.append((e, sql, True))
+            up(e, sql, (e,))
+            t = self.shape.get(e)
+            spec = self.specs[e]
+            # a TVIEW fed only by its own base rows (row-locked by the writes) needs no gate
+            if (spec.embeds or self.derived.get(e) or e in embedded or t is None
+                    or t.every or t.conditions):
+                needed = True
+        if not rows or not needed:
+            return None
+        return self._locks(rows), p
+
+    def expand(self, entities: Sequence[str]) -> tuple[str, _Params] | None:
+        p = _Params(self.types)
+        rows = []
+        for e in entities:
+            if self.has_expansion(e):
+                sql = self.keys(p, e, (), True)
+                assert sql is not None
+                rows.append((e, sql, True))
+        if not rows:
+            return None
+        return self._locks(rows), p
+
+    def refresh(self, e: str) -> tuple[str, _Params]:
+        spec = self.specs[e]
+        p = _Params(self.types)
+        t = self.shape.get(e)
+        tv, view, pk = f"{q(spec.schema)}.{q(spec.table)}", f"{q(spec.schema)}.{q(spec.view)}", \
+            q(spec.pk)
+        cols = ", ".join(q(c) for c in spec.columns)
+        rest = [c for c in spec.columns if c != spec.pk]
+        assign = ", ".join(f"{q(c)} = EXCLUDED.{q(c)}" for c in rest)
+        old = ", ".join(f"t.{q(c)}" for c in rest)
+        new = ", ".join(f"EXCLUDED.{q(c)}" for c in rest)
+        only_named = (t is not None and t.named and not t.every and not t.conditions
+                      and not self.has_expansion(e)
+                      and not any(c in self.shape for c, _ in self.derived.get(e, ())))
+        if only_named:
+            keyset = f"SELECT unnest({p.array(e)}) AS pk"
+            cascaded = "0"
+        else:
+            sql = self.keys(p, e, (), True)
+            keyset = f"SELECT DISTINCT pk FROM ({sql}) s(pk) WHERE pk IS NOT NULL"
+            if t is not None and (t.every or t.conditions):
+                cascaded = "0"
+            elif t is not None and t.named:
+                cascaded = f"(SELECT count(*) FROM k WHERE pk <> ALL({p.array(e)}))"
+            else:
+                cascaded = "(SELECT count(*) FROM k)"
+        sql = (
+            f"WITH k AS MATERIALIZED ({keyset}),"
+            # one lookup of the view per key (OFFSET 0 keeps it a lookup): the cost grows with
+            # the keys, whatever the estimates of a generic plan and the size of the tables
+            f" src AS MATERIALIZED (SELECT v.* FROM k, LATERAL (SELECT {cols} FROM {view}"
+            f" WHERE {pk} = k.pk OFFSET 0) v),"
+            f" up AS (INSERT INTO {tv} AS t ({cols}) SELECT {cols} FROM src"
+            f" ON CONFLICT ({pk}) DO UPDATE SET {assign}"
+            f" WHERE ROW({old}) IS DISTINCT FROM ROW({new}) RETURNING 1),"
+            f" del AS (DELETE FROM {tv} t WHERE t.{pk} IN (SELECT pk FROM k)"
+            f" AND NOT EXISTS (SELECT 1 FROM src WHERE src.{pk} = t.{pk}) RETURNING 1)"
+            f" SELECT (SELECT count(*) FROM k) AS keys, (SELECT count(*) FROM up) AS upserted,"
+            f" (SELECT count(*) FROM del) AS deleted, {cascaded} AS cascaded"
+        )
+        return sql, p
+
+
 def plan_refresh(
     specs: Mapping[str, TviewSpec],
     order: Sequence[str],
@@ -118,6 +359,9 @@ def plan_refresh(
     all_keys: Mapping[str, str] | None = None,
     derived: Mapping[str, Sequence[tuple[str, str]]] | None = None,
     fk_sources: Mapping[tuple[str, str], str] | None = None,
+    *,
+    mid_transaction: bool = False,
+    cache: dict[object, _Template] | None = None,
 ) -> RefreshPlan | None:
     """The plan for keys ``touched`` (entity -> pks; base entities and TVIEW entities alike;
     ``key_types`` gives the SQL type of each touched entity's key).  None when nothing is
@@ -126,158 +370,58 @@ def plan_refresh(
     ``all_keys``: entity -> a SELECT of every key, used when a key set holds ``ALL_KEYS``.
     ``derived``: entity -> ``(child entity, template)``: keys of the entity computed from a
     child's keys at refresh time (the current fk of aggregated children); ``{keys}`` in the
-    template is replaced by the child's key query.
+    template is replaced by the child's key query.  ``fk_sources``: (entity, fk column) -> a
+    SELECT of that column from the entity's own base table for keys ``{keys}`` (cheaper than the
+    view, same new state).  ``mid_transaction``: the client's transaction goes on after the
+    plan (read-your-writes), so its ``plan_cache_mode`` is restored.  ``cache``: templates by
+    shape (one dict per catalog), so a COMMIT of a known shape builds no SQL.
     """
-    all_keys = all_keys or {}
-    derived = derived or {}
     touched = {e: keys for e, keys in touched.items() if keys}
+    shape_key = (_shape(touched), int(lock_namespace), max_depth, mid_transaction)
+    template = cache.get(shape_key) if cache is not None else None
+    if template is None:
+        template = _template(specs, order, touched, key_types, lock_namespace, max_depth,
+                             all_keys or {}, derived or {}, fk_sources or {}, mid_transaction)
+        if template is None:
+            return None
+        if cache is not None:
+            if len(cache) > 1024:
+                cache.clear()
+            cache[shape_key] = template
+    return template.bind(touched)
+
+
+def _template(specs: Mapping[str, TviewSpec], order: Sequence[str],
+              touched: Mapping[str, Collection[Hashable]], key_types: Mapping[str, str],
+              lock_namespace: int, max_depth: int, all_keys: Mapping[str, str],
+              derived: Mapping[str, Sequence[tuple[str, str]]],
+              fk_sources: Mapping[tuple[str, str], str],
+              mid_transaction: bool) -> _Template | None:
+    shape = dict(_shape(touched))
+    reached = set(shape)
     for e, children in derived.items():
-        if e not in touched and any(c in touched for c, _ in children):
-            touched[e] = ()
-    reach = affected(specs, touched.keys(), max_depth)
+        if any(c in shape for c, _ in children):
+            reached.add(e)
+    reach = affected(specs, reached, max_depth)
     entities = tuple(e for e in order if e in reach)
     if not entities:
         return None
-    params: list[object] = []
-    param_no: dict[str, int] = {}  # numbered on first use: unused keys are not sent
-
-    def param(e: str) -> int:
-        if e not in param_no:
-            params.append(sorted(_explicit(touched[e]), key=str))
-            param_no[e] = len(params)
-        return param_no[e]
-
-    def keys_sql(e: str, seen: tuple[str, ...]) -> str:
-        parts = []
-        if e in touched:
-            keys = touched[e]
-            if ALL_KEYS in keys and e in all_keys:
-                parts.append(all_keys[e])
-            else:
-                conds = sorted({k.condition for k in keys if isinstance(k, KeysWhen)})
-                if conds and e in all_keys:
-                    parts.append(f"SELECT * FROM ({all_keys[e]}) a WHERE {' OR '.join(conds)}")
-                if _explicit(keys):
-                    parts.append(f"SELECT unnest(${param(e)}::{key_types[e]}[])")
-            for child, template in derived.get(e, ()):
-                if child in touched and child not in seen:
-                    parts.append(template.replace("{keys}", keys_sql(child, (*seen, e))))
-        spec = specs.get(e)
-        if spec is not None:
-            tv = f"{q(spec.schema)}.{q(spec.table)}"
-            for fk, parent in spec.embeds:
-                if parent in seen or (parent not in reach and parent not in touched):
-                    continue
-                parts.append(f"SELECT t.{q(spec.pk)} FROM {tv} t WHERE t.{q(fk)} IN "
-                             f"({keys_sql(parent, (*seen, e))})")
-        return " UNION ".join(parts) if parts else f"SELECT NULL::{key_types.get(e, 'text')}"
-
-    stash = ", ".join(
-        f"cardinality(set_config('{_setting(e)}', coalesce((SELECT array_agg(DISTINCT k)::text"
-        f" FROM ({keys_sql(e, ())}) s(k) WHERE k IS NOT NULL), '{{}}'), true)"
-        f"::{specs[e].pk_type}[])"
-        for e in entities
-    )
-    statements = [f"SELECT {stash}"]
-    all_params: list[tuple[object, ...]] = [tuple(params)]
-
-    rank = {e: i for i, e in enumerate(order)}
-    gate = _gate_sql(specs, order, touched, key_types, lock_namespace, all_keys, fk_sources or {})
-    if gate is not None:
-        statements.insert(0, gate[0])
-        all_params.insert(0, gate[1])
-    lock_rows = " UNION ALL ".join(
-        f"SELECT {rank[e]} AS r, k::text AS k FROM unnest(current_setting('{_setting(e)}')"
-        f"::{specs[e].pk_type}[]) k"
-        for e in entities
-    )
-    statements.append(
-        f"SELECT count(pg_advisory_xact_lock({int(lock_namespace)}, hashtext(r || ':' || k)))"
-        f" FROM (SELECT r, k FROM ({lock_rows}) l ORDER BY r, k) o")
-    all_params.append(())
-
+    b = _Builder(specs, order, shape, key_types, lock_namespace, reach, all_keys, derived,
+                 fk_sources)
+    statements: list[str] = [MODE_SQL]
+    slots: list[tuple[str, ...]] = [()]
+    for part in (b.gate(entities), b.expand(entities)):
+        if part is not None:
+            statements.append(part[0])
+            slots.append(tuple(part[1].slots))
+    first = len(statements)
     for e in entities:
-        statements.append(_refresh_sql(specs[e]))
-        all_params.append(())
-    return RefreshPlan(entities, tuple(statements), tuple(all_params))
-
-
-def _gate_sql(specs: Mapping[str, TviewSpec], order: Sequence[str],
-              touched: Mapping[str, Collection[Hashable]], key_types: Mapping[str, str],
-              lock_namespace: int, all_keys: Mapping[str, str],
-              fk_sources: Mapping[tuple[str, str], str]) -> tuple[str, tuple] | None:
-    """The gate statement (module doc, step 0) and its parameters; None when the transaction
-    names no TVIEW key.  ``fk_sources``: (entity, fk column) -> a SELECT of that column from
-    the entity's base table for keys ``{keys}`` (cheaper than the view, same new state)."""
-    rank = {e: i for i, e in enumerate(order)}
-    params: list[object] = []
-    rows: list[tuple[str, str]] = []  # (entity, SELECT of keys to lock)
-
-    def up(e: str, keys: str, seen: tuple[str, ...]) -> None:
-        rows.append((e, keys))
-        spec = specs[e]
-        view = f"{q(spec.schema)}.{q(spec.view)}"
-        for fk, parent in spec.embeds:
-            if parent in specs and parent not in seen:
-                src = fk_sources.get((e, fk))
-                up(parent, src.replace("{keys}", keys) if src is not None else
-                   f"SELECT v.{q(fk)} FROM {view} v WHERE v.{q(spec.pk)} IN ({keys})",
-                   (*seen, parent))
-
-    for e in order:
-        keys = touched.get(e)
-        if e not in specs or not keys:
-            continue
-        if ALL_KEYS in keys and e in all_keys:
-            up(e, all_keys[e], (e,))
-            continue
-        conds = sorted({k.condition for k in keys if isinstance(k, KeysWhen)})
-        if conds and e in all_keys:
-            up(e, f"SELECT * FROM ({all_keys[e]}) a WHERE {' OR '.join(conds)}", (e,))
-        named = sorted(_explicit(keys), key=str)
-        if named:
-            params.append(named)
-            up(e, f"SELECT unnest(${len(params)}::{key_types[e]}[])", (e,))
-    if not rows:
-        return None
-    lock_rows = " UNION ".join(
-        f"SELECT {rank[e]} AS r, k::{specs[e].pk_type}::text AS k FROM ({sql}) s(k)"
-        for e, sql in rows)
-    # Under REPEATABLE READ and SERIALIZABLE the snapshot predates the locks: the gated tv_
-    # rows that exist get a no-op UPDATE instead, so two transactions meeting there are
-    # ordered by PostgreSQL's own rule for concurrent updates (the later one fails with 40001
-    # and its client retries with a snapshot that sees the other's writes).
-    bumps = []
-    for e in dict.fromkeys(e for e, _ in rows):
-        spec = specs[e]
-        tv, pk = f"{q(spec.schema)}.{q(spec.table)}", q(spec.pk)
-        bumps.append(f"b{rank[e]} AS (UPDATE {tv} t SET {pk} = t.{pk} WHERE "
-                     f"current_setting('transaction_isolation') <> 'read committed' AND "
-                     f"(SELECT n FROM c) >= 0 AND "  # after the locks: no deadlock, just 40001
-                     f"t.{pk} IN (SELECT k::{spec.pk_type} FROM g WHERE r = {rank[e]}))")
-    return (f"WITH g AS MATERIALIZED (SELECT r, k FROM ({lock_rows}) l WHERE k IS NOT NULL), "
-            f"c AS MATERIALIZED (SELECT count(pg_advisory_xact_lock({int(lock_namespace)}, "
-            f"hashtext(r || ':' || k))) AS n FROM (SELECT r, k FROM g ORDER BY r, k) o), "
-            f"{', '.join(bumps)} SELECT n FROM c WHERE n < 0", tuple(params))
-
-
-def _refresh_sql(spec: TviewSpec) -> str:
-    tv = f"{q(spec.schema)}.{q(spec.table)}"
-    view = f"{q(spec.schema)}.{q(spec.view)}"
-    pk = q(spec.pk)
-    cols = ", ".join(q(c) for c in spec.columns)
-    rest = [c for c in spec.columns if c != spec.pk]
-    assign = ", ".join(f"{q(c)} = EXCLUDED.{q(c)}" for c in rest)
-    old = ", ".join(f"t.{q(c)}" for c in rest)
-    new = ", ".join(f"EXCLUDED.{q(c)}" for c in rest)
-    return (
-        f"WITH k AS (SELECT unnest(current_setting('{_setting(spec.entity)}')::{spec.pk_type}[])"
-        f" AS pk),"
-        f" src AS MATERIALIZED (SELECT {cols} FROM {view} WHERE {pk} IN (SELECT pk FROM k)),"
-        f" up AS (INSERT INTO {tv} AS t ({cols}) SELECT {cols} FROM src"
-        f" ON CONFLICT ({pk}) DO UPDATE SET {assign}"
-        f" WHERE ROW({old}) IS DISTINCT FROM ROW({new}) RETURNING 1),"
-        f" del AS (DELETE FROM {tv} t WHERE t.{pk} IN (SELECT pk FROM k)"
-        f" AND NOT EXISTS (SELECT 1 FROM src WHERE src.{pk} = t.{pk}) RETURNING 1)"
-        f" SELECT (SELECT count(*) FROM up) AS upserted, (SELECT count(*) FROM del) AS deleted"
-    )
+        sql, p = b.refresh(e)
+        statements.append(sql)
+        slots.append(tuple(p.slots))
+    if mid_transaction:
+        statements.append(RESTORE_SQL)
+        slots.append(())
+    full = tuple(e for e in entities if e in shape and (shape[e].every or shape[e].conditions))
+    return _Template(entities, tuple(statements), tuple(slots), first,
+                     tuple(statement_name(s) for s in statements), full)
