@@ -236,7 +236,10 @@ async def _tview_run(
             stmt = "DROP TABLE " + ("IF EXISTS " if args.if_exists else "") + names
             if args.cascade:
                 stmt += " CASCADE"
-            dropped = await ddl.drop_tviews(conn, stmt, schema=schema)
+            warnings: list[str] = []
+            dropped = await ddl.drop_tviews(conn, stmt, schema=schema, warnings=warnings)
+            for w in warnings:
+                print(f"WARNING: {w}", file=sys.stderr)
             for e in dropped:
                 print(f"dropped tv_{e}")
             if not dropped:
@@ -260,7 +263,7 @@ async def _tview_run(
             return EXIT_OK
         if action == "refresh":
             entity = None if args.full or not args.entity else _tview_entity(args.entity)
-            done = await ddl.refresh_full(conn, entity, schema=schema)
+            done = await ddl.refresh_full(conn, entity, schema=schema, lock_namespace=lock_ns)
             for e, (upserted, deleted) in done.items():
                 print(f"tv_{e}: {upserted} upserted, {deleted} deleted")
             return EXIT_OK

@@ -224,7 +224,8 @@ async def test_upstream_md5_and_scram(pg: Any, proxy_factory: Any, user: str,
             c.execute("COMMIT")
     with psycopg.connect(pg.dsn("postgres"), autocommit=True) as m:
         n = m.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = %s"
-                      " AND datname = 'app'", (user,)).fetchone()[0]  # type: ignore[index]
+                      " AND datname = 'app' AND application_name NOT LIKE 'tvproxy-listener %%'",
+                      (user,)).fetchone()[0]  # type: ignore[index]
         assert n == 2
 
 

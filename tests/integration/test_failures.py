@@ -184,7 +184,8 @@ def no_leftover_backends(pg: Any) -> Iterator[None]:
         with direct(pg) as c:
             return c.execute(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname IN ('app', 'app2')"
-                " AND backend_type = 'client backend'").fetchone()[0]  # type: ignore[index]
+                " AND backend_type = 'client backend'"
+                " AND application_name NOT LIKE 'tvproxy-listener %'").fetchone()[0]  # type: ignore[index]
 
     if not wait_until(lambda: count() == 0, 5):
         with direct(pg) as c:

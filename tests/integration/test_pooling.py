@@ -21,6 +21,7 @@ from harness import wait_until
 COUNT_SQL = (
     "SELECT count(*) FROM pg_stat_activity"
     " WHERE datname = %s AND backend_type = 'client backend'"
+    " AND application_name NOT LIKE 'tvproxy-listener %%'"  # the TVIEW catalog listener
 )
 
 

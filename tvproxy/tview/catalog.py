@@ -3,7 +3,13 @@
 - ``<schema>.tview``: one row per TVIEW (entity, tables, pk column and type, definition,
   sources, key mapping, strategy, created_at).
 - ``<schema>.pending_refresh``: the refresh queues of prepared (2PC) transactions.
-- Changes are announced on the channel ``<schema>_catalog`` so every proxy instance reloads.
+- ``<schema>.generation``: one row, one more in the transaction of every TVIEW created or
+  dropped.  Changes are announced on the channel ``<schema>_catalog``; every proxy instance
+  LISTENs there on every database it serves (a connection named ``tvproxy-listener <schema>
+  <generation>``), reloads, and acknowledges the generation it has loaded in that
+  application_name.  Whoever made the change waits until every listener of the database has
+  acknowledged it (:func:`wait_for_listeners`) before it repairs the window with a diff
+  refresh and reports success.
 
 The SQL is built here from quoted identifiers; values are always bound parameters.  The
 functions taking a connection run on an asyncpg connection (the proxy's own control link).
@@ -11,6 +17,7 @@ functions taking a connection run on an asyncpg connection (the proxy's own cont
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from datetime import datetime
@@ -46,11 +53,45 @@ def catalog_ddl(schema: str, lock_namespace: int) -> list[str]:
             database    text NOT NULL,
             keys        jsonb NOT NULL,
             prepared_at timestamptz NOT NULL DEFAULT now())""",
+        *_generation_ddl(s),
+    ]
+
+
+def _generation_ddl(s: str) -> list[str]:
+    return [
+        f"""CREATE TABLE IF NOT EXISTS {s}.generation (
+            one         boolean PRIMARY KEY DEFAULT true CHECK (one),
+            value       bigint NOT NULL DEFAULT 0)""",
+        f"INSERT INTO {s}.generation DEFAULT VALUES ON CONFLICT DO NOTHING",
     ]
 
 
 def notify_channel(schema: str) -> str:
     return f"{schema}_catalog"
+
+
+LISTENER_PREFIX = "tvproxy-listener"
+_NOT_LOADED = "-"
+
+
+def listener_name(schema: str, generation: int | None) -> str:
+    """application_name of a proxy's catalog listener: which catalog it follows and which
+    generation of it the proxy has loaded (``-``: none yet); the schema is cut so the whole
+    name fits PostgreSQL's 63 bytes."""
+    return f"{LISTENER_PREFIX} {schema[:24]} {_NOT_LOADED if generation is None else generation}"
+
+
+def parse_listener_name(name: str) -> tuple[str, int | None] | None:
+    """(schema, generation) of a listener's application_name, None for anything else."""
+    if not name.startswith(LISTENER_PREFIX + " "):
+        return None
+    schema, _, generation = name[len(LISTENER_PREFIX) + 1:].rpartition(" ")
+    if generation == _NOT_LOADED:
+        return schema, None
+    try:
+        return schema, int(generation)
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -100,8 +141,63 @@ async def load_catalog(conn: Any, schema: str) -> list[CatalogEntry]:
     ]
 
 
+async def bump_generation(conn: Any, schema: str) -> int:
+    """One more catalog generation, in the connection's transaction (its row lock also orders
+    concurrent TVIEW DDL).  A catalog made before generations existed gets its row here."""
+    for sql in _generation_ddl(quote_ident(schema)):
+        await conn.execute(sql)
+    value = await conn.fetchval(
+        f"UPDATE {quote_ident(schema)}.generation SET value = value + 1 RETURNING value")
+    return int(value)
+
+
+async def read_generation(conn: Any, schema: str) -> int:
+    """The catalog generation committed so far (0 when there is no catalog).  Read it before
+    the catalog: what is loaded afterwards is at least that generation."""
+    rel = f"{quote_ident(schema)}.generation"
+    if not await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", rel):
+        return 0
+    value = await conn.fetchval(f"SELECT value FROM {rel}")
+    return int(value or 0)
+
+
+_LISTENERS_SQL = """
+SELECT pid, application_name FROM pg_stat_activity
+ WHERE datname = current_database() AND pid <> pg_backend_pid()
+   AND application_name LIKE $1"""
+
+
+async def lagging_listeners(conn: Any, schema: str, generation: int) -> list[int]:
+    """Backend pids of the live listeners of this database's catalog that have not loaded
+    ``generation`` yet."""
+    out = []
+    for row in await conn.fetch(_LISTENERS_SQL, LISTENER_PREFIX + " %"):
+        parsed = parse_listener_name(row[1] or "")
+        if parsed is None or parsed[0] != schema[:24]:
+            continue
+        if parsed[1] is None or parsed[1] < generation:
+            out.append(int(row[0]))
+    return out
+
+
+async def wait_for_listeners(conn: Any, schema: str, generation: int,
+                             timeout: float = 5.0) -> list[int]:
+    """Poll ``pg_stat_activity`` until every listener acknowledged ``generation``; returns the
+    pids still lagging when ``timeout`` runs out (empty: every proxy maintains the change)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    delay = 0.002
+    while True:
+        lagging = await lagging_listeners(conn, schema, generation)
+        if not lagging or loop.time() >= deadline:
+            return lagging
+        await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
+        delay = min(delay * 2, 0.05)
+
+
 async def save_entry(conn: Any, schema: str, entry: CatalogEntry) -> None:
-    """Insert a TVIEW's row and announce the change (delivered when the transaction commits)."""
+    """Insert a TVIEW's row, bump the generation and announce the change (delivered when the
+    transaction commits)."""
 
     if entry.strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {entry.strategy!r}")
@@ -112,6 +208,7 @@ async def save_entry(conn: Any, schema: str, entry: CatalogEntry) -> None:
         entry.entity, entry.table_name, entry.view_name, entry.pk_column, entry.pk_type,
         entry.definition, list(entry.sources), list(entry.depends_on),
         json.dumps(entry.key_mapping), entry.strategy)
+    await bump_generation(conn, schema)
     await conn.execute("SELECT pg_notify($1, $2)", notify_channel(schema), entry.entity)
 
 
@@ -119,6 +216,7 @@ async def delete_entry(conn: Any, schema: str, entity: str) -> bool:
     deleted = await conn.fetchval(
         f"DELETE FROM {quote_ident(schema)}.tview WHERE entity = $1 RETURNING true", entity)
     if deleted:
+        await bump_generation(conn, schema)
         await conn.execute("SELECT pg_notify($1, $2)", notify_channel(schema), entity)
     return bool(deleted)
 

@@ -1,6 +1,8 @@
 """The few asyncpg connection methods the TVIEW DDL code uses (``execute``, ``fetch``,
-``fetchrow``, ``fetchval``, ``transaction``), spoken over a client's own server link, so that
-``CREATE TABLE tv_x AS SELECT`` inside BEGIN runs in the client's transaction.
+``fetchrow``, ``fetchval``, ``transaction``, ``is_in_transaction``), spoken over a client's own
+server link, so that ``CREATE TABLE tv_x AS SELECT`` runs with the client's own settings
+(search_path from its startup packet, ``options`` or SET): inside BEGIN in the client's
+transaction, outside one in transactions the conversation opens and commits itself.
 
 Each call is one extended-protocol batch (Parse, Bind with text parameters, Describe, Execute,
 Sync) handed to ``send``, which returns the reply: the columns, the rows, the command tag and the
@@ -109,18 +111,43 @@ def statement_batch(sql: str, args: tuple[Any, ...]) -> bytes:
 
 
 class _Block:
-    """``transaction()``: the client's own transaction block already holds everything."""
+    """``transaction()``: inside the client's own transaction block (or one this conversation
+    opened) everything is already held; the outermost one the conversation opens itself
+    sends BEGIN, and COMMIT or ROLLBACK as asyncpg's ``transaction()`` would."""
+
+    def __init__(self, conv: ServerConversation) -> None:
+        self._conv = conv
+        self._own = False
 
     async def __aenter__(self) -> _Block:
+        conv = self._conv
+        if not conv.is_in_transaction():
+            await conv.execute("BEGIN")
+            self._own = True
+        conv._depth += 1
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        return None
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        conv = self._conv
+        conv._depth -= 1
+        if not self._own:
+            return
+        if exc_type is None:
+            await conv.execute("COMMIT")
+        else:
+            try:
+                await conv.execute("ROLLBACK")
+            except ServerError:
+                pass  # the original error is the one to report
 
 
 class ServerConversation:
-    def __init__(self, send: Callable[[bytes], Awaitable[Reply]]) -> None:
+    def __init__(self, send: Callable[[bytes], Awaitable[Reply]], in_block: bool = True) -> None:
+        """``in_block``: the client's transaction block holds the conversation (its
+        ``transaction()`` opens nothing)."""
         self._send = send
+        self._in_block = in_block
+        self._depth = 0
 
     async def _run(self, sql: str, args: tuple[Any, ...]) -> tuple[Reply, list[Row]]:
         reply = await self._send(statement_batch(sql, args))
@@ -148,4 +175,7 @@ class ServerConversation:
         return row[0] if row is not None and len(row) else None
 
     def transaction(self) -> _Block:
-        return _Block()
+        return _Block(self)
+
+    def is_in_transaction(self) -> bool:
+        return self._in_block or self._depth > 0

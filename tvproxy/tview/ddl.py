@@ -6,6 +6,13 @@ engine's catalog loading.
     result = await create_tview(conn, "CREATE TABLE tv_post AS SELECT ...")
     await drop_tviews(conn, "DROP TABLE tv_post")
     await refresh_full(conn, "post"); drift = await verify(conn)
+
+Called outside a transaction block, ``create_tview`` and ``drop_tviews`` commit their own
+transaction and then wait (bounded) until every proxy serving the database has loaded the new
+catalog, and a creation ends with a diff refresh of the new TVIEW: that repairs writes other
+proxies committed between the creating COMMIT and their reload.  Called inside the caller's
+transaction, they leave that to the caller: ``await sync_catalog(conn, entities=[...])`` after
+the COMMIT.
 """
 
 from __future__ import annotations
@@ -26,17 +33,21 @@ from tvproxy.tview.analyze import (
 from tvproxy.tview.analyze import quote_ident as q
 from tvproxy.tview.catalog import (
     CatalogEntry,
+    bump_generation,
     delete_entry,
     ensure_catalog,
     load_catalog,
+    read_generation,
     save_entry,
     view_sources,
+    wait_for_listeners,
 )
 from tvproxy.tview.model import BaseTable, RuntimeCatalog, build_runtime
 from tvproxy.tview.opaque import OpaqueFacts
 
 DEFAULT_SCHEMA = "tvproxy"
 DEFAULT_LOCK_NAMESPACE = 0x7476
+SYNC_TIMEOUT = 5.0  # seconds a catalog change waits for every proxy to load it
 
 _COLUMNS_SQL = """
 SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
@@ -73,14 +84,49 @@ async def _base_table(conn: Any, schema: str, name: str) -> BaseTable | None:
     return BaseTable(name, schema, pk[0], pk[1], tuple(n for n, _ in cols))
 
 
+def _in_transaction(conn: Any) -> bool:
+    probe = getattr(conn, "is_in_transaction", None)
+    return bool(probe()) if probe is not None else False
+
+
+async def sync_catalog(conn: Any, schema: str = DEFAULT_SCHEMA,
+                       lock_namespace: int = DEFAULT_LOCK_NAMESPACE,
+                       entities: tuple[str, ...] | list[str] = (),
+                       timeout: float = SYNC_TIMEOUT) -> tuple[str, ...]:
+    """After a committed catalog change: wait until every proxy listening on this database has
+    loaded it, then diff-refresh ``entities`` (those still in the catalog), repairing what was
+    written through other proxies before they reloaded.  Returns warnings (proxies that did
+    not acknowledge in time)."""
+    generation = await read_generation(conn, schema)
+    lagging = await wait_for_listeners(conn, schema, generation, timeout)
+    warnings: tuple[str, ...] = ()
+    if lagging:
+        warnings = (f"{len(lagging)} tvproxy instance(s) (listener backend pid "
+                    f"{', '.join(map(str, lagging))}) did not load TVIEW catalog generation "
+                    f"{generation} within {timeout:g}s: writes through them may leave TVIEWs "
+                    f"stale until they reload (`tvproxy tview refresh` repairs)",)
+    if entities:
+        known = {e.entity for e in await load_catalog(conn, schema)}
+        for entity in entities:
+            if entity in known:
+                await refresh_full(conn, entity, schema, lock_namespace)
+    return warnings
+
+
 async def create_tview(conn: Any, ddl: str | CreateTview, schema: str = DEFAULT_SCHEMA,
-                       lock_namespace: int = DEFAULT_LOCK_NAMESPACE) -> CreateResult:
-    """Create v_x, tv_x (pk, fk and GIN indexes) and the catalog row in one transaction."""
+                       lock_namespace: int = DEFAULT_LOCK_NAMESPACE,
+                       sync_timeout: float = SYNC_TIMEOUT) -> CreateResult:
+    """Create v_x, tv_x (pk, fk and GIN indexes) and the catalog row in one transaction (then,
+    when that was this call's own transaction, :func:`sync_catalog`)."""
     stmt = parse_tview_ddl(ddl) if isinstance(ddl, str) else ddl
     if not isinstance(stmt, CreateTview):
         raise TviewError("42601", "not a CREATE TABLE tv_<entity> AS SELECT statement")
+    own = not _in_transaction(conn)
     await ensure_catalog(conn, schema, lock_namespace)
     async with conn.transaction():
+        # first: the generation row's lock orders concurrent TVIEW DDL, so the catalog read
+        # next includes whatever committed before
+        await bump_generation(conn, schema)
         catalog = {e.entity: e for e in await load_catalog(conn, schema)}
         if stmt.entity in catalog:
             raise TviewError("42P07", f'TVIEW "{stmt.table}" already exists')
@@ -126,15 +172,25 @@ async def create_tview(conn: Any, ddl: str | CreateTview, schema: str = DEFAULT_
              "unmapped": sorted(set(base_sources) - mapped)},
             mapping.strategy)
         await save_entry(conn, schema, entry)
-    return CreateResult(stmt.entity, rows, mapping.strategy, mapping.warnings)
+    warnings = tuple(mapping.warnings)
+    if own:
+        warnings += await sync_catalog(conn, schema, lock_namespace, [stmt.entity], sync_timeout)
+    return CreateResult(stmt.entity, rows, mapping.strategy, warnings)
 
 
-async def drop_tviews(conn: Any, ddl: str | DropTviews, schema: str = DEFAULT_SCHEMA) -> list[str]:
-    """Drop TVIEWs (and, with CASCADE, the TVIEWs built on them); returns the entities dropped."""
+async def drop_tviews(conn: Any, ddl: str | DropTviews, schema: str = DEFAULT_SCHEMA,
+                      warnings: list[str] | None = None,
+                      sync_timeout: float = SYNC_TIMEOUT) -> list[str]:
+    """Drop TVIEWs (and, with CASCADE, the TVIEWs built on them); returns the entities dropped.
+    In its own transaction it then waits for every proxy to stop maintaining them
+    (:func:`sync_catalog`; its warnings go to ``warnings``)."""
     stmt = parse_tview_ddl(ddl) if isinstance(ddl, str) else ddl
     if not isinstance(stmt, DropTviews):
         raise TviewError("42601", "not a DROP TABLE tv_<entity> statement")
+    own = not _in_transaction(conn)
     async with conn.transaction():
+        if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", f"{q(schema)}.tview"):
+            await bump_generation(conn, schema)  # orders it after concurrent TVIEW DDL
         catalog = {e.table_name: e for e in await load_catalog(conn, schema)}
         todo: list[str] = []
         for name in stmt.tables:
@@ -161,7 +217,17 @@ async def drop_tviews(conn: Any, ddl: str | DropTviews, schema: str = DEFAULT_SC
             await conn.execute(f"DROP TABLE IF EXISTS {q(rel_schema)}.{q(entry.table_name)}")
             await delete_entry(conn, schema, entry.entity)
             dropped.append(entry.entity)
+    if own and dropped:
+        found = await sync_catalog(conn, schema, DEFAULT_LOCK_NAMESPACE, (), sync_timeout)
+        if warnings is not None:
+            warnings.extend(found)
     return dropped
+
+
+async def load_versioned(conn: Any, schema: str = DEFAULT_SCHEMA) -> tuple[int, RuntimeCatalog]:
+    """The catalog generation and the runtime catalog, which is at least that generation."""
+    generation = await read_generation(conn, schema)
+    return generation, await load_runtime(conn, schema)
 
 
 async def load_runtime(conn: Any, schema: str = DEFAULT_SCHEMA) -> RuntimeCatalog:
@@ -213,8 +279,9 @@ async def _opaque_facts(conn: Any, schema: str) -> OpaqueFacts:
     return OpaqueFacts(functions, tables, bool(track))
 
 
-async def refresh_full(conn: Any, entity: str | None = None,
-                       schema: str = DEFAULT_SCHEMA) -> dict[str, tuple[int, int]]:
+async def refresh_full(conn: Any, entity: str | None = None, schema: str = DEFAULT_SCHEMA,
+                       lock_namespace: int = DEFAULT_LOCK_NAMESPACE
+                       ) -> dict[str, tuple[int, int]]:
     """Recompute TVIEWs from their views (diff: upsert changed rows, delete vanished ones)."""
     from tvproxy.tview.planner import ALL_KEYS, plan_refresh
 
@@ -226,7 +293,7 @@ async def refresh_full(conn: Any, entity: str | None = None,
             if e not in rt.specs:
                 raise TviewError("42P01", f'TVIEW "tv_{e}" does not exist')
             plan = plan_refresh({e: rt.specs[e]}, [e], {e: {ALL_KEYS}}, rt.key_types,
-                                DEFAULT_LOCK_NAMESPACE, all_keys=rt.all_keys)
+                                lock_namespace, all_keys=rt.all_keys)
             assert plan is not None
             for sql, params in zip(plan.statements[:-1], plan.params[:-1], strict=True):
                 await conn.fetch(sql, *params)

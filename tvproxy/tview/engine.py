@@ -24,9 +24,9 @@ from tvproxy.log import get_logger
 from tvproxy.protocol import build as B
 from tvproxy.protocol import decode as D
 from tvproxy.tview.analyze import CreateTview, DropTviews, TviewError, parse_tview_ddl
-from tvproxy.tview.analyze import quote_ident as q
 from tvproxy.tview.capture import WriteCapture, capture
 from tvproxy.tview.conversation import Reply, ServerConversation, ServerError, row_description
+from tvproxy.tview.follow import CatalogFollower
 from tvproxy.tview.model import RuntimeCatalog
 from tvproxy.tview.opaque import (
     baseline_sql,
@@ -158,7 +158,8 @@ class _Talk:
 
 
 class TviewEngine:
-    """One per proxy: catalogs of every database, statistics, catalog reloads."""
+    """One per proxy: catalogs of every database, statistics, catalog reloads (kept coherent
+    with the other instances by ``follow``: tview/follow.py)."""
 
     def __init__(self, proxy: Any) -> None:
         self.proxy = proxy
@@ -167,32 +168,35 @@ class TviewEngine:
         self.stats: dict[tuple[str, str], EntityStats] = {}
         self.commits = 0
         self.commit_overhead_us = 0
-        self._listeners: dict[str, Any] = {}
+        self.follow = CatalogFollower(self)
         self.loaded = asyncio.Event()  # clients log in once catalogs are known (no blind writes)
 
     @property
     def cfg(self) -> Any:
         return self.proxy.cfg.tview
 
-    async def _connect(self, database: str) -> Any:
+    async def _connect(self, database: str, application_name: str | None = None) -> Any:
         import asyncpg
 
         db = self.proxy.cfg.databases[database]
+        settings = {"application_name": application_name} if application_name else None
         return await asyncpg.connect(host=db.host, port=db.port, user=db.user or "postgres",
                                      password=db.password or None, timeout=5,
-                                     database=db.dbname or database)
+                                     database=db.dbname or database, server_settings=settings)
 
     async def start(self) -> None:
         for name in list(self.proxy.cfg.databases):
-            await self.reload(name)
+            await self.follow.start(name)
         self.loaded.set()
         # catalogs also follow what changed without a NOTIFY (functions, triggers, foreign
         # keys created directly on the server)
         await self._recover()
         while self.cfg.recovery_interval > 0:
             await asyncio.sleep(self.cfg.recovery_interval)
-            for name, cat in list(self.catalogs.items()):
-                if not cat.empty:
+            for name in list(self.proxy.cfg.databases):
+                if not self.follow.listening(name):  # a database added by a config reload
+                    await self.follow.start(name)
+                elif not self.catalog(name).empty:
                     await self.reload(name)
             await self._recover()
 
@@ -219,46 +223,16 @@ class TviewEngine:
         except Exception as exc:  # noqa: BLE001 - the next recovery pass tries again
             log.warning("tview 2pc catch-up failed", database=database, error=str(exc))
 
-    async def _listen(self, database: str) -> None:
-        """Follow catalog changes of other instances (only where TVIEWs exist: a database
-        without them costs no backend)."""
-        if database in self._listeners:
-            return
-        self._listeners[database] = None
-        try:
-            conn = await self._connect(database)
-            await conn.add_listener(
-                f"{self.cfg.schema}_catalog",
-                lambda *_a, db=database: asyncio.ensure_future(self.reload(db)))
-            self._listeners[database] = conn
-        except Exception as exc:  # noqa: BLE001 - a database may be down
-            del self._listeners[database]
-            log.warning("tview catalog listener failed", database=database, error=str(exc))
-
     async def reload(self, database: str, announce: bool = False) -> None:
         """Load the catalog of ``database`` again (``announce``: tell other instances too)."""
-        from tvproxy.tview.ddl import load_runtime
+        await self.follow.reload(database, announce)
 
-        try:
-            conn = await self._connect(database)
-            try:
-                self.catalogs[database] = cat = await load_runtime(conn, self.cfg.schema)
-                if announce:
-                    await conn.execute(f"NOTIFY {q(self.cfg.schema + '_catalog')}")
-            finally:
-                await conn.close()
-            if not cat.empty:
-                await self._listen(database)
-                if not cat.track_counts:
-                    log.warning("track_counts is off: writes through functions, triggers, CALL"
-                                " or DO cannot be audited", database=database)
-        except Exception as exc:  # noqa: BLE001 - keep the old catalog, say why
-            log.warning("tview catalog load failed", database=database, error=str(exc))
+    async def after_ddl(self, database: str, created: tuple[str, ...] = (),
+                        tview_ddl: bool = False) -> tuple[str, ...]:
+        return await self.follow.after_ddl(database, created, tview_ddl)
 
     async def close(self) -> None:
-        for conn in self._listeners.values():
-            if conn is not None:
-                await conn.close()
+        await self.follow.close()
 
     def catalog(self, database: str) -> RuntimeCatalog:
         return self.catalogs.get(database, EMPTY)
@@ -274,6 +248,13 @@ class TviewEngine:
 class TviewSession(ReturningHooks):
     """The hooks of one client: its transaction's keys and what to inject (appended RETURNING
     for writes whose keys the text does not name: tview/returning_hooks.py)."""
+
+    # catalog coherence (TviewEngine._catalog_changed, with_new_tviews) and the DDL path
+    catalog_before: RuntimeCatalog | None = None  # catalog this transaction's writes saw
+    catalog_before_txn = -1  # the transaction (self.txn) catalog_before belongs to
+    ddl_running = False  # the engine is running TVIEW DDL on this client's server
+    ddl_in_block = False  # TVIEW DDL ran in the open transaction block
+    ddl_created: tuple[str, ...] = ()  # TVIEWs created in it
 
     def __init__(self, engine: TviewEngine, client: ClientSession) -> None:
         self.engine = engine
@@ -350,7 +331,7 @@ class TviewSession(ReturningHooks):
             elif kind in (TxKind.COMMIT, TxKind.COMMIT_AND_CHAIN, TxKind.PREPARE):
                 if not self.failed:  # COMMIT of a failed transaction refreshes nothing
                     self._close_span(pre, cat)
-                    keys = self.tracker.take()
+                    keys = self.with_new_tviews(cat, self.tracker.take())
                     self._plan_batch(pre, cat, keys, False)
                     if kind is TxKind.PREPARE and cmd.name and (keys or self.audits_inflight):
                         self._persist_queue(pre, cat, cmd.name, keys)
@@ -611,35 +592,41 @@ class TviewSession(ReturningHooks):
         return True
 
     async def _run_ddl(self, client: ClientSession, stmt: CreateTview | DropTviews) -> None:
-        """Outside a transaction block on a control connection (its own transaction, as
-        autocommit DDL is); inside one on the client's server, in the client's transaction."""
+        """On the client's own server, so its search_path and other settings resolve the
+        names: inside a transaction block in the client's transaction (every instance loads
+        it after the client's COMMIT: hold_ready); outside one in transactions the proxy opens
+        and commits itself, and the client hears of it once every instance maintains it."""
         engine = self.engine
-        if self.in_block:
-            conn: Any = ServerConversation(lambda batch: self._talk(client, batch))
-            out, ok = await self._ddl_on(conn, stmt)
-            if ok:
-                self.reload_after = True  # seen by everyone once the client commits
-                status = b"T"
-            else:
-                status = b"E"
-                with contextlib.suppress(ServerError):  # abort it, as PostgreSQL's DDL would
-                    await conn.execute("DO $$BEGIN RAISE EXCEPTION 'tvproxy: TVIEW DDL "
-                                       "failed'; END$$")
-            client.ddl_done(out + B.ready_for_query(status))
-            return
-        out = b""
+        in_block = self.in_block
+        conn = ServerConversation(lambda batch: self._talk(client, batch), in_block=in_block)
+        self.ddl_running = True
         try:
-            conn = await engine._connect(client.database)
-        except Exception as exc:  # noqa: BLE001 - the server's own error, as it said it
-            out = B.error_response(getattr(exc, "sqlstate", None) or "08006", str(exc))
-        else:
-            try:
-                out, ok = await self._ddl_on(conn, stmt)
-            finally:
-                await conn.close()
-            if ok:
-                await engine.reload(client.database)
-        client.ddl_done(out + B.ready_for_query(b"I"))
+            out, ok = await self._ddl_on(conn, stmt)
+            if in_block:
+                if ok:
+                    self.reload_after = True  # seen by everyone once the client commits
+                    self.ddl_in_block = True
+                    if isinstance(stmt, CreateTview):
+                        self.ddl_created += (stmt.entity,)
+                    status = b"T"
+                else:
+                    status = b"E"
+                    with contextlib.suppress(ServerError):  # abort it, as PostgreSQL's DDL would
+                        await conn.execute("DO $$BEGIN RAISE EXCEPTION 'tvproxy: TVIEW DDL "
+                                           "failed'; END$$")
+            else:
+                status = b"I"
+                if ok:  # the listener has loaded it already, unless it is down
+                    await engine.reload(client.database)
+        finally:
+            self.ddl_running = False
+        client.ddl_done(out + B.ready_for_query(status))
+
+    def take_ddl(self) -> tuple[bool, tuple[str, ...]]:
+        """At the end of the block: whether TVIEW DDL ran in it, and the TVIEWs it created."""
+        done = (self.ddl_in_block, self.ddl_created)
+        self.ddl_in_block, self.ddl_created = False, ()
+        return done
 
     async def _ddl_on(self, conn: Any, stmt: CreateTview | DropTviews) -> tuple[bytes, bool]:
         from tvproxy.tview.ddl import create_tview, drop_tviews
@@ -648,15 +635,44 @@ class TviewSession(ReturningHooks):
         try:
             if isinstance(stmt, CreateTview):
                 res = await create_tview(conn, stmt, cfg.schema, cfg.lock_namespace)
-                out = b"".join(B.notice_response(w, "01000", "WARNING") for w in res.warnings)
+                out = _warnings(res.warnings)
                 return out + B.command_complete(f"SELECT {res.rows}"), True
-            await drop_tviews(conn, stmt, cfg.schema)
-            return B.command_complete("DROP TABLE"), True
+            warnings: list[str] = []
+            await drop_tviews(conn, stmt, cfg.schema, warnings)
+            return _warnings(warnings) + B.command_complete("DROP TABLE"), True
         except TviewError as exc:
             return B.error_response(exc.sqlstate, exc.message), False
         except Exception as exc:  # noqa: BLE001 - the server's own error, as it said it
             sqlstate = getattr(exc, "sqlstate", None) or "XX000"
             return B.error_response(sqlstate, str(exc)), False
+
+    def catalog_changed_under(self, old: RuntimeCatalog) -> None:
+        """The engine loaded another catalog while this transaction was open: the writes it
+        made so far were captured under ``old`` (called by TviewEngine._catalog_changed)."""
+        if self.catalog_before is None or self.catalog_before_txn != self.txn:
+            self.catalog_before = old
+            self.catalog_before_txn = self.txn
+
+    def with_new_tviews(self, cat: RuntimeCatalog,
+                        keys: dict[str, set[Hashable]]) -> dict[str, set[Hashable]]:
+        """The keys to refresh at this transaction's COMMIT (or PREPARE, or the end of an
+        implicit one): when TVIEWs were created since it began, what it wrote before the
+        reload was not tracked for them, so they are refreshed whole (a diff refresh)."""
+        old = self.catalog_before
+        if old is None:
+            return keys
+        self.catalog_before = None
+        if self.catalog_before_txn != self.txn:
+            return keys
+        new = [e for e, entry in cat.entries.items() if old.entries.get(e) != entry]
+        if not new:
+            return keys
+        keys = {e: set(v) for e, v in keys.items()}
+        for e in new:
+            keys.setdefault(e, set()).add(ALL_KEYS)
+        log.info("tview catalog changed during a transaction: refreshing new TVIEWs whole",
+                 client=self.client.id, database=self.client.database, tviews=new)
+        return keys
 
     async def _talk(self, client: ClientSession, batch: bytes) -> Reply:
         """One statement of the engine on the client's server (the client is held)."""
@@ -741,7 +757,7 @@ class TviewSession(ReturningHooks):
                 cat = self.engine.catalog(client.database)
                 pre: list[tuple[bytes, object]] = []
                 self._close_span(pre, cat)
-                self._plan_batch(pre, cat, self.tracker.take(), False)
+                self._plan_batch(pre, cat, self.with_new_tviews(cat, self.tracker.take()), False)
                 self._end_transaction()
                 pre.append((B.query("COMMIT"), None))
                 return self._send(pre)
@@ -768,13 +784,15 @@ class TviewSession(ReturningHooks):
     async def _then_ready(self, client: ClientSession, status: bytes, reload: bool,
                           gids: list[str]) -> None:
         """Reload the catalog and/or catch up committed prepared transactions, then answer."""
+        warnings: tuple[str, ...] = ()
         try:
             if reload:
-                await self.engine.reload(client.database, announce=True)
+                tview_ddl, created = self.take_ddl()
+                warnings = await self.engine.after_ddl(client.database, created, tview_ddl)
             for gid in gids:
                 await self.engine.catch_up(client.database, gid)
         finally:
-            client.ddl_done(B.ready_for_query(status))
+            client.ddl_done(_warnings(warnings) + B.ready_for_query(status))
 
     def injected(self, rows: list[list[bytes | None]], error: dict[str, str] | None) -> bool:
         """Replies of an injected batch: refresh counts for the statistics, keys found by
@@ -855,6 +873,10 @@ class TviewSession(ReturningHooks):
                  entities=list(plan.entities), keys=counts,
                  statements=len(plan.statements), ms=round(elapsed / 1000, 3))
         return False
+
+
+def _warnings(texts: tuple[str, ...] | list[str]) -> bytes:
+    return b"".join(B.notice_response(w, "01000", "WARNING") for w in texts)
 
 
 def _answer_soon(client: ClientSession, replies: bytes) -> None:
