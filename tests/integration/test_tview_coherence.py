@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psycopg
@@ -162,6 +163,69 @@ def test_a_listener_that_does_not_acknowledge_is_reported(
             c.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
             c.execute(TVIEWS[0])
         assert any("did not load TVIEW catalog generation" in n for n in notices), notices
+    assert drift(pg) == {"company": 0}
+
+
+def test_an_autocommit_write_in_flight_across_the_creation(
+        pg: Any, base_f: None, proxy_factory: Any) -> None:
+    """B forwards an autocommit write before it knows the TVIEW; it reaches tb_company only
+    after A's creating COMMIT (held back by an advisory lock in the same query).  B
+    acknowledges the new catalog once that write has finished, so A's diff refresh sees it."""
+    a, b = proxy_factory(), proxy_factory()
+    wait_listening(pg, 2)
+    def b_write() -> None:
+        with psycopg.connect(b.dsn("app"), autocommit=True) as cb:
+            cb.execute("SELECT pg_advisory_xact_lock(7474);"
+                       " UPDATE tb_company SET name = 'in flight' WHERE pk_company = 1")
+
+    def a_create() -> None:
+        with psycopg.connect(a.dsn("app"), autocommit=True) as ca:
+            ca.execute(TVIEWS[0])
+
+    def one(c: psycopg.Connection, sql: str) -> Any:
+        return c.execute(sql).fetchone()[0]
+
+    with psycopg.connect(pg.dsn("app"), autocommit=True) as holder, ThreadPoolExecutor(2) as pool:
+        holder.execute("SELECT pg_advisory_lock(7474)")
+        try:
+            wrote = pool.submit(b_write)
+            assert wait_until(lambda: one(holder, "SELECT count(*) FROM pg_locks WHERE"
+                                          " locktype = 'advisory' AND objid = 7474"
+                                          " AND NOT granted") == 1, 5)
+            created = pool.submit(a_create)
+            # A's creating COMMIT is visible; B has reloaded but does not acknowledge while
+            # its write is in flight (A's listener has): A waits
+            assert wait_until(lambda: one(holder, "SELECT to_regclass('public.tv_company')"
+                                          " IS NOT NULL"), 10)
+            assert wait_until(lambda: "tview catalog changed" in b.logs(), 5)
+            generation = one(holder, "SELECT value FROM tvproxy.generation")
+
+            def lagging() -> int:
+                return sum(1 for n in listeners(pg)
+                           if n.endswith(" -") or int(n.rsplit(" ", 1)[1]) < generation)
+
+            assert wait_until(lambda: lagging() == 1, 5)
+            assert not wait_until(lambda: lagging() != 1 or created.done(), 0.5)
+        finally:
+            holder.execute("SELECT pg_advisory_unlock(7474)")
+        wrote.result(10)
+        created.result(10)
+    assert drift(pg) == {"company": 0}
+
+
+def test_a_lost_listener_comes_back(pg: Any, base_f: None, proxy_factory: Any) -> None:
+    a, b = proxy_factory(), proxy_factory()
+    wait_listening(pg, 2)
+    with psycopg.connect(pg.dsn("app"), autocommit=True) as c:
+        pids = [r[0] for r in c.execute(LISTENERS.replace("application_name", "pid", 1))]
+        c.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) pid", (pids,))
+        assert wait_until(lambda: not set(pids) & {
+            r[0] for r in c.execute(LISTENERS.replace("application_name", "pid", 1))}, 5)
+    wait_listening(pg, 2)  # both reconnected and reloaded
+    with psycopg.connect(a.dsn("app"), autocommit=True) as ca:
+        ca.execute(TVIEWS[0])
+    with psycopg.connect(b.dsn("app"), autocommit=True) as cb:
+        cb.execute("UPDATE tb_company SET name = 'Acme B' WHERE pk_company = 1")
     assert drift(pg) == {"company": 0}
 
 
