@@ -794,7 +794,9 @@ class ClientSession(asyncio.Protocol):
                         continue
                     tv = self.tview
                     if tv is not None and not expect and (
-                            tv.db.active or tv.wrapped or tv.reload_after):
+                            tv.db.active or tv.wrapped or tv.reload_after
+                            or tv.in_block != (status != b"I")):  # a block opened or closed
+                        # (followed even without TVIEWs: one may appear mid-transaction)
                         pre = tv.ready(self, status)
                         if pre:
                             run = self._flush_run(out, buf, run, start)
