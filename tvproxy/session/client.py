@@ -330,6 +330,9 @@ class ClientSession(asyncio.Protocol):
                     buf = framer.buffer
                 if mtype == 0x51:  # Query
                     tv = self.tview
+                    if tv is not None and not tv.db.active and buf.find(
+                            b"tv_", start + 5, end) < 0:
+                        tv = None  # no TVIEW in this database (and no TVIEW DDL): no work
                     if tv is not None and tv.ddl(self, D.query_text(buf[start + 5:end])):
                         self._flush_run(out, buf, run, start)
                         self.framer.unread(end)
@@ -404,11 +407,12 @@ class ClientSession(asyncio.Protocol):
                 elif mtype == 0x50 and buf[start + 5] == 0:  # unnamed Parse
                     self.batch = 2
                     self.flush_release = False
-                    if self.tview is not None:
+                    tv = self.tview
+                    if tv is not None and (tv.db.active or tv.stmts or tv.rewritten):
                         body = bytes(buf[start + 5:end])
                         name, sql, _ = D.parse_message(body)
-                        run = self._inject(out, buf, run, start, self.tview.parse(self, name, sql))
-                        new = self.tview.parse_returning(self, name, sql)
+                        run = self._inject(out, buf, run, start, tv.parse(self, name, sql))
+                        new = tv.parse_returning(self, name, sql)
                         if new is not None:  # prepared with appended RETURNING instead
                             run = self._flush_run(out, buf, run, start)
                             out.append(B.message(b"P", _parse_body(body, name, sql, new)))
@@ -416,13 +420,16 @@ class ClientSession(asyncio.Protocol):
                             continue
                     expect.append(EXP_EXT)
                 elif mtype == 0x50:  # named Parse
-                    body = bytes(buf[start + 5:end]) if self.tview is not None \
+                    tv = self.tview
+                    if tv is not None and not (tv.db.active or tv.stmts or tv.rewritten):
+                        tv = None
+                    body = bytes(buf[start + 5:end]) if tv is not None \
                         or self.prepared_mapping else b""
                     new = None
-                    if self.tview is not None:
+                    if tv is not None:
                         name, sql, _ = D.parse_message(body)
-                        run = self._inject(out, buf, run, start, self.tview.parse(self, name, sql))
-                        new = self.tview.parse_returning(self, name, sql)
+                        run = self._inject(out, buf, run, start, tv.parse(self, name, sql))
+                        new = tv.parse_returning(self, name, sql)
                         if new is not None:  # the server prepares it with appended RETURNING
                             body = _parse_body(body, name, sql, new)
                     self.flush_release = False
@@ -523,6 +530,13 @@ class ClientSession(asyncio.Protocol):
         if run < 0:
             run = start
         out.append(bytes(buf[run:end]))
+        tv = self.tview
+        post = tv.close_now(self) if tv is not None else None
+        if post:  # plan + COMMIT in the same round trip
+            for batch in post:
+                out.append(batch)
+                self.expect.append(EXP_INJECT)
+            self.tv_deferred = True
         self.holding = True
         self.tv_hold = True
         if self.server is not None:
@@ -631,15 +645,18 @@ class ClientSession(asyncio.Protocol):
             name, sql, pos = D.parse_message(body)
             if name in self.prepared:
                 return False
-            if self.tview is not None and self.tview.may_track(self, sql):
+            tv = self.tview
+            if tv is not None and not (tv.db.active or tv.stmts or tv.rewritten):
+                tv = None
+            if tv is not None and tv.may_track(self, sql):
                 return False  # the engine records (and may rewrite) it: with a server
             stmt = self.proxy.prepared.lookup(body[pos:])
             if stmt is None or not stmt.validated:
                 return False
             self.prepared[name] = self.proxy.prepared.acquire(body[pos:])
             self.stats.client_parse_count += 1
-            if self.tview is not None:  # a named statement: only recorded, nothing to send
-                self.tview.parse(self, name, sql)
+            if tv is not None:  # a named statement: only recorded, nothing to send
+                tv.parse(self, name, sql)
             self.write(B.PARSE_COMPLETE)
             return True
         if mtype == 0x43 and buf[start + 5] == 0x53:
@@ -770,8 +787,17 @@ class ClientSession(asyncio.Protocol):
                             release = True
                         self._emit_fakes(out)
                         continue
-                    if self.tview is not None and not expect:
-                        pre = self.tview.ready(self, status)
+                    if self.tv_deferred and expect and expect[0] == EXP_INJECT:
+                        # the end of an implicit transaction whose plan and COMMIT were sent
+                        # with it: the client's ReadyForQuery comes after them
+                        run = self._flush_run(out, buf, run, start)
+                        continue
+                    tv = self.tview
+                    if tv is not None and not expect and (
+                            tv.db.active or tv.wrapped or tv.reload_after
+                            or tv.in_block != (status != b"I")):  # a block opened or closed
+                        # (followed even without TVIEWs: one may appear mid-transaction)
+                        pre = tv.ready(self, status)
                         if pre:
                             run = self._flush_run(out, buf, run, start)
                             for batch in pre:
@@ -931,6 +957,8 @@ class ClientSession(asyncio.Protocol):
                 self._drop_head(error=True)
             if expect:
                 expect.popleft()
+            if self.tv_deferred and expect and expect[0] == EXP_INJECT:
+                return 0  # the closing plan and COMMIT follow: the error comes after them
             out.append(self.inject_error)  # type: ignore[arg-type]
             self.inject_error = None
             if self.tview is not None and not expect:

@@ -1,7 +1,10 @@
 """The seam where the TVIEW engine plugs into a client session.
 
 A session calls its ``tview`` hooks (when the engine is enabled; ``None`` otherwise, so the
-hot path pays one attribute test).  Hooks that return batches (``list[bytes]``) ask the session
+hot path pays one attribute test) only while ``db.active`` (the database has TVIEWs, read from
+its current catalog at each message) or while the engine has state of its own in the session
+(``wrapped``, ``reload_after``, recorded ``stmts``/``rewritten``; a Query naming ``tv_`` still
+goes to ``ddl``: the first TVIEW is made that way).  Hooks that return batches (``list[bytes]``) ask the session
 to send them to the server first, each ending in exactly one ReadyForQuery; their replies go to
 ``injected`` instead of the client, and a batch's error stands in for the outcome of the
 client's next request (a refresh that fails fails the COMMIT) unless ``injected`` returns True
@@ -19,6 +22,11 @@ client's next request (a refresh that fails fails the COMMIT) unless ``injected`
   what it audits, once the catalog is reloaded).
 - ``wrapped`` / ``hold``: the proxy opened the current transaction; hold the client's further
   input until it is closed (not while COPY data must flow).
+- ``close_now(session)`` right after the message that ends such a transaction (the Query, or
+  the Sync of an extended batch) is written: batches (refresh plan, COMMIT) to send behind it
+  in the same round trip, or None (keys still to come back: closed at ``ready`` instead).  The
+  session then swallows the ReadyForQuery of the client's request and answers the one of the
+  COMMIT (with the plan's error, if any).
 
 Appended RETURNING (tview/returning.py, keys the statement text does not name):
 
@@ -51,7 +59,13 @@ class StripReply(int):
     Attributes are set by the engine: ``rewrite``, ``describe`` and the keys collected."""
 
 
+class TviewDatabaseState(Protocol):
+    active: bool  # the database has TVIEWs: else the session does not call the engine
+
+
 class TransactionHooks(Protocol):
+    db: TviewDatabaseState
+    reload_after: bool
     wrapped: bool
     hold: bool
     stmts: dict[bytes, object]
@@ -70,6 +84,8 @@ class TransactionHooks(Protocol):
     def ddl(self, session: ClientSession, text: bytes) -> bool: ...
 
     def ready(self, session: ClientSession, status: bytes) -> list[bytes] | None: ...
+
+    def close_now(self, session: ClientSession) -> list[bytes] | None: ...
 
     def hold_ready(self, session: ClientSession, status: bytes) -> bool: ...
 

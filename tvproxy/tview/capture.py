@@ -5,7 +5,8 @@ says which primary keys the statement names (literals, or bound parameters by nu
 they cannot be known from the text (``keys is None``: the engine appends RETURNING instead), and
 whether key columns (``pk_*``/``fk_*``) are assigned, so old values are needed too.  Statements
 that cannot write a tracked table never reach pglast: :func:`may_write` is a first-keyword and
-table-name test.
+table-name test.  The engine reads all of this through tview/statement.py (one analysis per
+text, cached per catalog and by normalised text); :func:`capture` is the same on its own.
 """
 
 from __future__ import annotations
@@ -136,11 +137,13 @@ def _insert_keys(stmt: ast.InsertStmt, pk: str,
     return tuple(refs) if all(r is not None for r in refs) else None  # type: ignore[misc]
 
 
-def _capture_one(node: object, tables: Mapping[str, TrackedTable], out: list[WriteCapture]) -> None:
+def capture_statement(node: object, tables: Mapping[str, TrackedTable],
+                      out: list[WriteCapture]) -> None:
+    """Append the tracked writes of one parsed statement (``tables`` by name) to ``out``."""
     with_clause = getattr(node, "withClause", None)
     if with_clause is not None:
         for cte in with_clause.ctes:
-            _capture_one(cte.ctequery, tables, out)
+            capture_statement(cte.ctequery, tables, out)
     rel = getattr(node, "relation", None)
     if isinstance(node, ast.CopyStmt | ast.TruncateStmt):  # opaque bulk writes: keys unknown
         rels = [rel] if isinstance(node, ast.CopyStmt) and node.is_from else (
@@ -185,7 +188,7 @@ def _capture_cached(sql: str, tables: tuple[TrackedTable, ...]) -> tuple[WriteCa
     by_name = {t.name: t for t in tables}
     out: list[WriteCapture] = []
     for raw in pglast.parse_sql(sql):
-        _capture_one(raw.stmt, by_name, out)
+        capture_statement(raw.stmt, by_name, out)
     return tuple(out)
 
 

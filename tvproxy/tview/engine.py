@@ -11,47 +11,39 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
-import uuid
 from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import pglast
-
 from tvproxy.log import get_logger
 from tvproxy.protocol import build as B
-from tvproxy.protocol import decode as D
 from tvproxy.tview.analyze import CreateTview, DropTviews, TviewError, parse_tview_ddl
-from tvproxy.tview.capture import WriteCapture, capture
 from tvproxy.tview.conversation import Reply, ServerConversation, ServerError, row_description
 from tvproxy.tview.follow import CatalogFollower
 from tvproxy.tview.model import RuntimeCatalog
-from tvproxy.tview.opaque import (
-    baseline_sql,
-    close_sql,
-    is_opaque,
-    opaque_condition,
-    reject_sql,
-)
+from tvproxy.tview.opaque import opaque_condition, reject_sql
 from tvproxy.tview.planner import ALL_KEYS, KeysWhen, RefreshPlan, plan_refresh, statement_name
 from tvproxy.tview.returning_hooks import ReturningHooks
+from tvproxy.tview.session_capture import (
+    EMPTY,
+    Audit,
+    CaptureHooks,
+    CatalogMap,
+    Closing,
+    Prepared,
+    all_affected,
+)
+from tvproxy.tview.statement import Kind
 from tvproxy.tview.tracker import TransactionTracker
-from tvproxy.tview.twophase import catch_up, encode_keys, insert_sql
-from tvproxy.tview.txcontrol import TxKind, classify
+from tvproxy.tview.twophase import catch_up
+from tvproxy.tview.txcontrol import TxKind
 
 if TYPE_CHECKING:
     from tvproxy.session.client import ClientSession
 
 log = get_logger("tvproxy.tview")
-EMPTY = RuntimeCatalog()
-_ROLLBACKS = (TxKind.ROLLBACK, TxKind.ROLLBACK_AND_CHAIN, TxKind.ROLLBACK_TO)
 _COMMITS = (TxKind.COMMIT, TxKind.COMMIT_AND_CHAIN, TxKind.PREPARE)
-# DDL after which the audit's catalog may be out of date (triggers, functions, foreign keys)
-_DDL = re.compile(r"(?:^|;)\s*(?:--[^\n]*\n\s*|/\*.*?\*/\s*)*(?:create|alter|drop)\s+"
-                  r"(?:or\s+replace\s+)?(?:constraint\s+)?(?:function|procedure|trigger|table)\b",
-                  re.I | re.S)
 
 
 @dataclass
@@ -106,50 +98,6 @@ def _bind(statement: bytes, params: tuple[object, ...] | list[object]) -> bytes:
     return B.bind(statement, [B.text_value(p) for p in params])
 
 
-def statement_messages(statements: tuple[str, ...] | list[str],
-                       all_params: tuple[tuple[object, ...], ...] | list[tuple[object, ...]]
-                       ) -> bytes:
-    """Unnamed Parse/Bind/Execute per statement (no Sync), text parameters."""
-    out = []
-    for sql, params in zip(statements, all_params, strict=True):
-        out.append(B.parse(b"", sql.encode()))
-        out.append(_bind(b"", params))
-        out.append(B.execute())
-    return b"".join(out)
-
-
-def _decode_param(value: bytes | None, fmt: int, pk_type: str) -> Hashable | None:
-    if value is None:
-        return None
-    if fmt == 0:
-        text = value.decode()
-        return int(text) if pk_type in ("bigint", "integer", "smallint") else text
-    if len(value) == 16 and pk_type == "uuid":
-        return str(uuid.UUID(bytes=value))
-    if pk_type in ("bigint", "integer", "smallint") and len(value) in (2, 4, 8):
-        return int.from_bytes(value, "big", signed=True)
-    if pk_type == "text" or pk_type.startswith("character"):
-        return value.decode()
-    return None
-
-
-@dataclass(frozen=True)
-class _Audit:
-    """An injected batch of the opaque-writes audit (tview/opaque.py)."""
-
-    tables: tuple[str, ...] = ()  # for a comparison: the tables, in the order sent
-    close: bool = False
-    txn: int = 0  # the client's transaction it belongs to
-
-
-@dataclass(frozen=True)
-class _Prepared:
-    sql: str
-    writes: tuple[WriteCapture, ...]
-    opaque: bool
-    deferred: bool  # named: effects at every Bind, not at the Parse
-
-
 @dataclass(frozen=True)
 class _Talk:
     """A statement of the engine's conversation on the client's server (TVIEW DDL)."""
@@ -163,7 +111,8 @@ class TviewEngine:
 
     def __init__(self, proxy: Any) -> None:
         self.proxy = proxy
-        self.catalogs: dict[str, RuntimeCatalog] = {}
+        # assigning a catalog updates what sessions see of it (session_capture.TviewDatabase)
+        self.catalogs: dict[str, RuntimeCatalog] = CatalogMap()
         self.load_timeout = 10.0
         self.stats: dict[tuple[str, str], EntityStats] = {}
         self.commits = 0
@@ -245,9 +194,10 @@ class TviewEngine:
         return st
 
 
-class TviewSession(ReturningHooks):
-    """The hooks of one client: its transaction's keys and what to inject (appended RETURNING
-    for writes whose keys the text does not name: tview/returning_hooks.py)."""
+class TviewSession(CaptureHooks, ReturningHooks):
+    """The hooks of one client: its transaction's keys and what to inject (what statements do:
+    tview/session_capture.py; appended RETURNING for writes whose keys the text does not name:
+    tview/returning_hooks.py)."""
 
     # catalog coherence (TviewEngine._catalog_changed, with_new_tviews) and the DDL path
     catalog_before: RuntimeCatalog | None = None  # catalog this transaction's writes saw
@@ -259,12 +209,14 @@ class TviewSession(ReturningHooks):
     def __init__(self, engine: TviewEngine, client: ClientSession) -> None:
         self.engine = engine
         self.client = client
+        self.db = engine.catalogs.database(client.database)  # type: ignore[attr-defined]
+        self.cat: RuntimeCatalog | None = None  # the catalog this session follows
         self.tracker = TransactionTracker()
         self.in_block = False
         self.wrapped = False
         self.hold = True  # hold the client's input after a statement in a wrapped transaction
         # prepared statements that concern the engine (see parse)
-        self.stmts: dict[bytes, _Prepared] = {}
+        self.stmts: dict[bytes, Prepared] = {}
         self.inflight: list[object] = []
         self.started = 0.0
         self.failed = False  # the server said the transaction is aborted
@@ -278,271 +230,6 @@ class TviewSession(ReturningHooks):
         self.flushed: set[str] = set()  # entities read-your-writes refreshed in this transaction
         self.txn = 0
         self._init_returning()
-
-    # --- recording keys --------------------------------------------------------------------
-
-    def _touch(self, cat: RuntimeCatalog, w: WriteCapture, keys: list[Hashable] | None,
-               pre: list[tuple[bytes, object]]) -> None:
-        tracker = self.tracker
-        tracker.touch(w.entity, keys if keys is not None else [ALL_KEYS])
-        if self.span is not None:  # what the counters may show for this captured write
-            name = cat.audit_name.get(w.table, w.table)
-            n = -1 if keys is None or self.span.get(name, 0) < 0 else len(keys)
-            self.span[name] = -1 if n < 0 else self.span.get(name, 0) + n
-        # an upsert's DO UPDATE moves children too
-        old_values_needed = w.op not in ("insert", "update") or w.assigns_key_columns
-        parents = cat.aggregated_into.get(w.entity, ())
-        if parents and old_values_needed:
-            if keys is None:
-                for parent in parents:
-                    tracker.touch(parent, [ALL_KEYS])
-            else:  # the children's parents before the statement changes them
-                for parent, sql in cat.preimage.get(w.entity, ()):
-                    pre.append((_preimage_batch(sql, keys), parent))
-        for e in cat.full_on.get(w.entity, ()):
-            tracker.touch(e, [ALL_KEYS])
-        if w.assigns_pk and keys is not None:
-            tracker.touch(w.entity, [ALL_KEYS])  # the new pk is not in the statement
-        # keys count from the moment the statement is sent: a statement that fails costs at
-        # most a refresh that finds nothing changed
-        tracker.statement_succeeded()
-        if not self.started:
-            self.started = time.monotonic()
-
-    def _wrap(self, pre: list[tuple[bytes, object]]) -> None:
-        if not self.in_block and not self.wrapped:
-            self.wrapped = True
-            pre.insert(0, (B.query("BEGIN"), None))
-
-    def _send(self, pre: list[tuple[bytes, object]]) -> list[bytes] | None:
-        """Batches to run, in order; what each one is for waits in ``inflight``."""
-        if not pre:
-            return None
-        self.inflight.extend(meta for _, meta in pre)
-        return [batch for batch, _ in pre]
-
-    def _tx_commands(self, sql: str, pre: list[tuple[bytes, object]], cat: RuntimeCatalog) -> None:
-        for cmd in classify(sql):
-            if cmd is None:
-                continue
-            kind = cmd.kind
-            if kind is TxKind.BEGIN:
-                self.in_block = True
-            elif kind in (TxKind.COMMIT, TxKind.COMMIT_AND_CHAIN, TxKind.PREPARE):
-                if not self.failed:  # COMMIT of a failed transaction refreshes nothing
-                    self._close_span(pre, cat)
-                    keys = self.with_new_tviews(cat, self.tracker.take())
-                    self._plan_batch(pre, cat, keys, False)
-                    if kind is TxKind.PREPARE and cmd.name and (keys or self.audits_inflight):
-                        self._persist_queue(pre, cat, cmd.name, keys)
-                self._end_transaction()
-                self.in_block = kind is TxKind.COMMIT_AND_CHAIN
-            elif kind in (TxKind.ROLLBACK, TxKind.ROLLBACK_AND_CHAIN):
-                self._end_transaction()
-                self.in_block = kind is TxKind.ROLLBACK_AND_CHAIN
-            elif kind is TxKind.COMMIT_PREPARED and cmd.name:
-                self.committed_prepared.append(cmd.name)
-            elif kind is TxKind.SAVEPOINT and cmd.name:
-                self.tracker.savepoint(cmd.name)
-            elif kind is TxKind.RELEASE and cmd.name:
-                self.tracker.release(cmd.name)
-            elif kind is TxKind.ROLLBACK_TO and cmd.name:
-                self.tracker.rollback_to(cmd.name)
-                self.span = None  # it opened after the last SAVEPOINT: all of it is undone
-                self.failed = False
-
-    def _read_your_writes(self, sql: str, pre: list[tuple[bytes, object]],
-                          cat: RuntimeCatalog) -> None:
-        if not self.engine.cfg.read_your_writes or not self.in_block and not self.wrapped:
-            return
-        low = sql.lower()
-        if not any(t in low for t in cat.tv_tables):
-            return
-        self._close_span(pre, cat)
-        if not self.tracker.pending() and not self.audits_inflight:
-            return
-        self._plan_batch(pre, cat, self.tracker.flush(), True)
-
-    def _persist_queue(self, pre: list[tuple[bytes, object]], cat: RuntimeCatalog, gid: str,
-                       keys: dict[str, set[Hashable]]) -> None:
-        """PREPARE TRANSACTION: the queue goes into pending_refresh, in the same transaction,
-        for the catch-up after COMMIT PREPARED (tview/twophase.py)."""
-        everything = [e for ent in cat.audited.values() for e in _all_affected(cat, ent)] if (
-            self.audits_inflight) else []
-        params = (gid, self.client.database, encode_keys(keys, everything))
-        pre.append((statement_messages([insert_sql(self.engine.cfg.schema)], [params]) + B.SYNC,
-                    None))
-
-    # --- opaque writers ---------------------------------------------------------------------
-
-    def _audit(self, sql: str, pre: list[tuple[bytes, object]], cat: RuntimeCatalog) -> bool:
-        """Open an audit span before an opaque statement, close it before any other one."""
-        if not cat.audited or self.failed:
-            return False
-        if is_opaque(sql, cat.functions, cat.trigger_tables):
-            self._open_span(pre, cat)
-            return True
-        if self.span is not None and any(
-                c is not None and c.kind in _ROLLBACKS for c in classify(sql)):
-            self.span = None  # undone with the transaction or savepoint: nothing to compare
-        self._close_span(pre, cat)
-        return False
-
-    def _open_span(self, pre: list[tuple[bytes, object]], cat: RuntimeCatalog) -> None:
-        if self.span is not None:
-            return
-        self.span = {}
-        names = list(cat.audited)
-        pre.append((statement_messages([baseline_sql()], [(names,)]) + B.SYNC, _Audit()))
-        if not self.started:
-            self.started = time.monotonic()
-
-    def _close_span(self, pre: list[tuple[bytes, object]], cat: RuntimeCatalog) -> None:
-        span = self.span
-        if span is None:
-            return
-        self.span = None
-        names = tuple(cat.audited)
-        allow = [span.get(n, 0) for n in names]
-        pre.append((statement_messages([close_sql()], [(list(names), allow)]) + B.SYNC,
-                    _Audit(names, True, self.txn)))
-        self.audits_inflight += 1
-
-    def _opaque_found(self, cat: RuntimeCatalog, tables: list[str]) -> None:
-        """The comparison's answer: these tables were written behind the statements' backs."""
-        for name in tables:
-            entity = cat.audited.get(name)
-            if entity is None:
-                continue
-            if name not in self.opaque_tables:
-                self.opaque_tables.append(name)
-            for e in _all_affected(cat, entity):
-                self.tracker.touch(e, [ALL_KEYS])
-            self.engine.stat(self.client.database, entity).opaque_writes += 1
-        self.tracker.statement_succeeded()
-        log.info("tview opaque writes", client=self.client.id, database=self.client.database,
-                 tables=tables, policy=self.engine.cfg.opaque_writes)
-
-    def _statement(self, sql: str, pre: list[tuple[bytes, object]],
-                   cat: RuntimeCatalog) -> tuple[tuple[WriteCapture, ...], bool]:
-        """What every statement text goes through (Query or Parse): flush for reads of tv_
-        tables, the opaque-writes audit, transaction control, and the tracked writes it makes
-        (with whether it is an opaque writer)."""
-        if self.ret_live or self.inflight:  # keys that have not all arrived yet
-            self._returning_plan_point(sql, cat)
-        self._read_your_writes(sql, pre, cat)
-        opaque = self._audit(sql, pre, cat)
-        self._tx_commands(sql, pre, cat)
-        if opaque:
-            self._wrap(pre)  # its writes are compared before the proxy's COMMIT
-        if _DDL.search(sql):
-            self.reload_after = True  # a new trigger, function or foreign key changes the audit
-        try:
-            return capture(sql, cat.tracked), opaque
-        except pglast.parser.ParseError:
-            return (), opaque
-
-    def query(self, client: ClientSession, text: bytes) -> list[bytes] | None:
-        """A simple Query: returns the messages to run first (each ending in one
-        ReadyForQuery), or None."""
-        cat = self.engine.catalog(client.database)
-        if cat.empty:
-            return None
-        pre: list[tuple[bytes, object]] = []
-        writes, _opaque = self._statement(text.decode("utf-8", "replace"), pre, cat)
-        self.hold = not any(w.op == "copy" for w in writes)  # COPY data must still flow
-        rw = self.ret_query = self._returning_rewrite(client, text, writes, cat) if writes \
-            else None
-        for w in writes:
-            if rw is not None:  # keys come back in the appended RETURNING
-                self._touch_returning(cat, w, rw)
-                continue
-            keys = None if w.keys is None or any(k.param is not None for k in w.keys) else [
-                k.value for k in w.keys]
-            self._touch(cat, w, keys, pre)
-        if writes:
-            self._wrap(pre)
-        return self._send(pre)
-
-    def parse(self, client: ClientSession, name: bytes, text: bytes) -> list[bytes] | None:
-        """An unnamed statement runs right after its Parse: its effects happen now.  A named
-        one may run many times, on any server: recorded here, its effects happen at each Bind
-        (also when the proxy answered the Parse itself)."""
-        cat = self.engine.catalog(client.database)
-        if cat.empty:
-            return None
-        sql = text.decode("utf-8", "replace")
-        if name:
-            if self._matters(sql, cat):
-                try:
-                    writes = capture(sql, cat.tracked)
-                except pglast.parser.ParseError:
-                    writes = ()
-                opaque = bool(cat.audited) and is_opaque(sql, cat.functions, cat.trigger_tables)
-                self.stmts[name] = _Prepared(sql, writes, opaque, True)
-            else:
-                self.stmts.pop(name, None)
-            return None
-        pre: list[tuple[bytes, object]] = []
-        writes, opaque = self._statement(sql, pre, cat)
-        if writes or opaque:
-            self.stmts[name] = _Prepared(sql, writes, opaque, False)
-            self._wrap(pre)  # before the Parse: a Query in between would drop an unnamed one
-        else:
-            self.stmts.pop(name, None)
-        return self._send(pre)
-
-    def _matters(self, sql: str, cat: RuntimeCatalog) -> bool:
-        """Does running this statement concern the engine (transaction control, a tracked or
-        opaque write, a read of a tv_ table)?"""
-        if any(c is not None for c in classify(sql)):
-            return True
-        try:
-            if capture(sql, cat.tracked):
-                return True
-        except pglast.parser.ParseError:
-            return False
-        if cat.audited and is_opaque(sql, cat.functions, cat.trigger_tables):
-            return True
-        low = sql.lower()
-        return any(t in low for t in cat.tv_tables)
-
-    def bind(self, client: ClientSession, name: bytes, body: bytes, pos: int) -> list[bytes] | None:
-        prepared = self.stmts.get(name)
-        if prepared is None:
-            return None
-        cat = self.engine.catalog(client.database)
-        pre: list[tuple[bytes, object]] = []
-        writes, opaque = prepared.writes, prepared.opaque
-        if prepared.deferred:  # a named statement: what it does happens now, each time
-            writes, opaque = self._statement(prepared.sql, pre, cat)
-        elif opaque and not self.failed:
-            self._open_span(pre, cat)
-        try:
-            formats, values = D.bind_params(body, pos)
-        except Exception:  # noqa: BLE001 - the server rejects a malformed Bind itself
-            formats, values = [], []
-        for w in writes:
-            keys: list[Hashable] | None = [] if w.keys is not None else None
-            pk_type = cat.key_types.get(w.entity, "text")
-            for ref in w.keys or ():
-                if ref.param is None:
-                    keys.append(ref.value)  # type: ignore[union-attr]
-                    continue
-                i = ref.param - 1
-                if ref.array or i >= len(values):
-                    keys = None
-                    break
-                fmt = formats[i] if len(formats) > 1 else (formats[0] if formats else 0)
-                key = _decode_param(values[i], fmt, pk_type)
-                if key is None:
-                    keys = None
-                    break
-                keys.append(key)  # type: ignore[union-attr]
-            self._touch(cat, w, keys, pre)
-        if name and (writes or opaque):
-            self._wrap(pre)
-        return self._send(pre)
 
     # --- DDL --------------------------------------------------------------------------------
 
@@ -571,19 +258,14 @@ class TviewSession(ReturningHooks):
         low = text.lower()
         if not any(w in low for w in (b"commit", b"end", b"prepare")):
             return False
-        cat = self.engine.catalog(client.database)
-        if cat.empty:
+        if not self.db.active:
             return False
-        sql = text.decode("utf-8", "replace")
-        cmds = classify(sql)
+        st = self.db.analyzer.analyze(text.decode("utf-8", "replace"))
+        cmds = st.commands
         ends = [i for i, c in enumerate(cmds) if c is not None and c.kind in _COMMITS]
         if not ends or None not in cmds[:ends[-1]]:
             return False
-        try:
-            writes = capture(sql, cat.tracked)
-        except pglast.parser.ParseError:
-            return False
-        if not writes and not is_opaque(sql, cat.functions, cat.trigger_tables):
+        if not st.kind & (Kind.WRITE | Kind.OPAQUE):
             return False
         _answer_soon(client, B.error_response(
             "0A000", "tvproxy: a query string that writes TVIEW source tables cannot also "
@@ -712,7 +394,7 @@ class TviewSession(ReturningHooks):
             keys = {e: set(v) for e, v in keys.items()}
             for name, entity in cat.audited.items():
                 marker = KeysWhen(opaque_condition(name))
-                for e in _all_affected(cat, entity):
+                for e in all_affected(cat, entity):
                     keys.setdefault(e, set()).add(marker)
         plan = self._plan(cat, keys, flush)
         if self.engine.cfg.opaque_writes == "reject" and (waiting or self.opaque_tables):
@@ -800,6 +482,14 @@ class TviewSession(ReturningHooks):
         if not self.inflight:
             return False
         meta = self.inflight.pop(0)
+        if isinstance(meta, Closing):  # the plan closing an implicit transaction (close_now)
+            if error is not None and error.get("C") == "25P02":  # the client's statement failed
+                if meta.meta is not None:
+                    new = meta.meta[3]  # type: ignore[index]
+                    if new and self.client.server is not None:
+                        self.client.server.engine_statements.difference_update(new)
+                return True
+            meta = meta.meta
         if isinstance(meta, _Talk):
             client = self.client
             cols = row_description(client.inject_desc) if client.inject_desc else []
@@ -807,7 +497,7 @@ class TviewSession(ReturningHooks):
             if not meta.future.done():
                 meta.future.set_result(Reply(cols, rows, tag, error))
             return True  # the conversation reports its errors itself
-        if isinstance(meta, _Audit):
+        if isinstance(meta, Audit):
             if meta.close:
                 self.audits_inflight -= 1
                 if error is None and meta.txn == self.txn:
@@ -882,19 +572,6 @@ def _warnings(texts: tuple[str, ...] | list[str]) -> bytes:
 def _answer_soon(client: ClientSession, replies: bytes) -> None:
     """Answer a Query the engine took over, once the session has finished reading it."""
     asyncio.get_running_loop().call_soon(client.ddl_done, replies)
-
-
-def _all_affected(cat: RuntimeCatalog, entity: str) -> list[str]:
-    """Entities to refresh fully when every row of ``entity`` may have changed: itself, the
-    TVIEWs aggregating it (old parents unknown) and those refreshed fully on it."""
-    return [entity, *cat.aggregated_into.get(entity, ()), *cat.full_on.get(entity, ())]
-
-
-def _preimage_batch(sql: str, keys: list[Hashable]) -> bytes:
-    """A SELECT of parent keys, on a named statement so a client's unnamed one survives."""
-    name = b"tvproxy_preimage"
-    return (B.parse(name, sql.encode()) + B.bind(name, [B.text_value(list(keys))])
-            + B.execute() + B.close_statement(name) + B.SYNC)
 
 
 def _sql_literal(text: str) -> str:

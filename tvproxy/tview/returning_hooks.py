@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING, Any
 
 from tvproxy.protocol.strip import extend_result_formats
 from tvproxy.session.hooks import StripReply
-from tvproxy.tview.capture import WriteCapture, may_write
+from tvproxy.tview.capture import WriteCapture
 from tvproxy.tview.model import RuntimeCatalog
 from tvproxy.tview.planner import ALL_KEYS
 from tvproxy.tview.returning import INTEGER_TYPES, ReturningRewrite, key_value, rewrite_returning
-from tvproxy.tview.txcontrol import classify
+from tvproxy.tview.statement import Kind, Statement
 
 if TYPE_CHECKING:
     from tvproxy.session.client import ClientSession
@@ -50,7 +50,7 @@ class ReturningHooks:
     engine: Any
     client: ClientSession
     tracker: Any
-    stmts: dict[bytes, Any]  # name -> engine._Prepared (sql, writes, opaque, deferred)
+    stmts: dict[bytes, Any]  # name -> session_capture.Prepared
     started: float
     span: dict[str, int] | None  # the opaque-writes audit's allowances (engine.py)
     failed: bool
@@ -122,16 +122,12 @@ class ReturningHooks:
         if not self.started:
             self.started = time.monotonic()
 
-    def may_track(self, client: ClientSession, text: bytes) -> bool:
-        cat = self.engine.catalog(client.database)
-        return not cat.empty and may_write(text.decode("utf-8", "replace"), cat.table_names)
-
     # --- extended protocol ------------------------------------------------------------------
 
     def parse_returning(self, client: ClientSession, name: bytes, text: bytes) -> bytes | None:
         """After ``parse``: the statement text to prepare instead of ``text``, or None."""
         prepared = self.stmts.get(name)
-        writes = prepared.writes if prepared is not None else ()
+        writes = prepared.statement.writes if prepared is not None else ()
         rw = None
         if writes:
             cat = self.engine.catalog(client.database)
@@ -150,13 +146,10 @@ class ReturningHooks:
         rw = self.rewritten[name]
         cat = self.engine.catalog(client.database)
         prepared = self.stmts.get(name)
-        writes = prepared.writes if prepared is not None else ()
-        opaque = prepared is not None and prepared.opaque
         pre: list[tuple[bytes, object]] = []
-        if prepared is not None and prepared.deferred:  # named: its effects happen now
-            writes, opaque = self._statement(prepared.sql, pre, cat)  # type: ignore[attr-defined]
-        elif opaque and not self.failed:
-            self._open_span(pre, cat)  # type: ignore[attr-defined]
+        writes: tuple[WriteCapture, ...] = ()
+        if prepared is not None:  # a named one's effects happen now
+            writes = self._prepared(prepared, pre, cat).writes  # type: ignore[attr-defined]
         for w in writes:
             self._touch_returning(cat, w, rw)
         if name:
@@ -235,7 +228,7 @@ class ReturningHooks:
     def returning_described(self, head: StripReply) -> None:
         self._forget(head)
 
-    def _returning_plan_point(self, sql: str, cat: RuntimeCatalog) -> None:
+    def _returning_plan_point(self, st: Statement, cat: RuntimeCatalog) -> None:
         """Before a statement is recorded: if it makes a plan (or a savepoint) while rewritten
         statements (or pre-images of old parents) are in flight, their keys are unknown from
         here on."""
@@ -246,9 +239,8 @@ class ReturningHooks:
         parents = [m for m in self.inflight if isinstance(m, str)]
         if not flying and not parents:
             return
-        if not any(c is not None for c in classify(sql)) and not (
-                self.engine.cfg.read_your_writes and any(t in sql.lower()
-                                                         for t in cat.tv_tables)):
+        if not st.kind & Kind.TX and not (self.engine.cfg.read_your_writes
+                                           and st.kind & Kind.READS_TV):
             return
         tracker = self.tracker
         for s in flying:

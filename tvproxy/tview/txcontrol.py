@@ -1,4 +1,7 @@
-"""Recognise transaction-control statements (pure): what the tracker must do for a statement."""
+"""Recognise transaction-control statements (pure): what the tracker must do for a statement.
+
+The engine reads them through tview/statement.py's analysis; :func:`classify` is the same on
+its own."""
 
 from __future__ import annotations
 
@@ -49,7 +52,8 @@ _KINDS = {
 }
 
 
-def _command(stmt: ast.TransactionStmt) -> TxCommand:
+def tx_command(stmt: ast.TransactionStmt) -> TxCommand:
+    """The command of one parsed transaction statement."""
     kind = TransactionStmtKind(stmt.kind)
     if kind == TransactionStmtKind.TRANS_STMT_COMMIT:
         return TxCommand(TxKind.COMMIT_AND_CHAIN if stmt.chain else TxKind.COMMIT)
@@ -72,6 +76,6 @@ def classify(sql: str) -> tuple[TxCommand | None, ...]:
     except pglast.parser.ParseError:
         return ()
     return tuple(
-        _command(raw.stmt) if isinstance(raw.stmt, ast.TransactionStmt) else None
+        tx_command(raw.stmt) if isinstance(raw.stmt, ast.TransactionStmt) else None
         for raw in stmts
     )
