@@ -39,7 +39,7 @@ from tvproxy.tview.opaque import (
 from tvproxy.tview.planner import ALL_KEYS, KeysWhen, RefreshPlan, plan_refresh
 from tvproxy.tview.returning_hooks import ReturningHooks
 from tvproxy.tview.tracker import TransactionTracker
-from tvproxy.tview.twophase import catch_up, encode_keys, insert_sql
+from tvproxy.tview.twophase import PERSISTED, catch_up, encode_keys, insert_sql
 from tvproxy.tview.txcontrol import TxKind, classify
 
 if TYPE_CHECKING:
@@ -389,6 +389,7 @@ class TviewSession(ReturningHooks):
         everything = [e for ent in cat.audited.values() for e in _all_affected(cat, ent)] if (
             self.audits_inflight) else []
         params = (gid, self.client.database, encode_keys(keys, everything))
+        PERSISTED.record(*params)  # the keys SHOW TVIEW PENDING gives while it is prepared
         pre.append((statement_messages([insert_sql(self.engine.cfg.schema)], [params]) + B.SYNC,
                     None))
 
