@@ -143,6 +143,31 @@ def test_pending_lists_only_queues_that_exist(tview_pg: Any, tview_proxy_factory
         tview_fixture.cleanup(pg)
 
 
+def test_gid_reused_before_catch_up_keeps_both_queues(tview_pg: Any,
+                                                      tview_proxy_factory: Any) -> None:
+    pg, proxy_factory = tview_pg, tview_proxy_factory
+    proxy = proxy_factory(tview={"recovery_interval": FAR})
+    try:
+        tview_fixture.reset(pg, proxy)
+        prepare(proxy, "UPDATE tb_user SET name = 'first' WHERE pk_user = 2", "greuse")
+        direct(pg, "COMMIT PREPARED 'greuse'")
+        # the same gid again while the first queue still waits for its catch-up
+        prepare(proxy, "UPDATE tb_company SET name = 'second' WHERE pk_company = 2", "greuse")
+        assert summary(pending(proxy)) == [("greuse", "company:1", "prepared"),
+                                           ("greuse", "user:1", "committed-awaiting-catch-up")]
+        direct(pg, "COMMIT PREPARED 'greuse'")
+        assert summary(pending(proxy)) == [
+            ("greuse", "company:1,user:1", "committed-awaiting-catch-up")]
+        r = recover("-c", str(proxy.config_path), "--database", "app")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.startswith("app: caught up greuse (keys company:1,user:1): "), r.stdout
+        assert pending(proxy) == []
+        oracle(pg)
+    finally:
+        proxy.stop()
+        tview_fixture.cleanup(pg)
+
+
 def test_recover_errors(pg: Any, tmp_path: Path) -> None:
     conf = tmp_path / "tvproxy.toml"
     conf.write_text(to_toml({"databases": {"app": {"host": "127.0.0.1", "port": free_port(),

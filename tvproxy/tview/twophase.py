@@ -68,11 +68,19 @@ def summarize_keys(text: str) -> str:
 
 
 def insert_sql(schema: str) -> str:
-    # prepared_at: when the queue was written, just before PREPARE (now() would be the start of
-    # the transaction)
-    return (f"INSERT INTO {q(schema)}.pending_refresh (gid, database, keys, prepared_at)"
+    """The queue's row.  prepared_at: when it was written, just before PREPARE (now() would be
+    the start of the transaction).  A row of the same gid still there is an earlier
+    transaction's, committed and waiting for its catch-up: the keys are merged, not replaced,
+    so that catch-up is not lost (and a ROLLBACK PREPARED puts the row back as it was)."""
+    t = f"{q(schema)}.pending_refresh"
+    merged = (
+        "SELECT coalesce(jsonb_object_agg(e, ks), '{}') FROM (SELECT j.e, CASE WHEN"
+        " bool_or(x = '\"*\"') THEN '[\"*\"]'::jsonb ELSE jsonb_agg(DISTINCT x) END AS ks"
+        f" FROM (VALUES ({t}.keys), (EXCLUDED.keys)) s(k), jsonb_each(s.k) j(e, v),"
+        " jsonb_array_elements(j.v) x GROUP BY j.e) m")
+    return (f"INSERT INTO {t} (gid, database, keys, prepared_at)"
             f" VALUES ($1, $2, $3::jsonb, clock_timestamp())"
-            f" ON CONFLICT (gid) DO UPDATE SET keys = EXCLUDED.keys")
+            f" ON CONFLICT (gid) DO UPDATE SET keys = ({merged})")
 
 
 # --- what this proxy persisted ---------------------------------------------------------------
