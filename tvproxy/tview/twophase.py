@@ -223,11 +223,13 @@ async def catch_up_report(conn: Any, cat: RuntimeCatalog, schema: str, database:
                 for i, (stmt, params) in enumerate(
                         zip(plan.statements, plan.params, strict=True)):
                     result = await conn.fetch(stmt, *params)
-                    if i >= plan.first_refresh and result:  # (upserted, deleted) per TVIEW
+                    if (plan.first_refresh <= i < plan.first_refresh + len(plan.entities)
+                            and result):  # one row per TVIEW: keys, upserted, deleted, ...
                         entity = plan.entities[i - plan.first_refresh]
                         spec = cat.specs.get(entity)
                         refreshed.append((spec.table if spec else f"tv_{entity}",
-                                          int(result[0][0] or 0), int(result[0][1] or 0)))
+                                          int(result[0]["upserted"] or 0),
+                                          int(result[0]["deleted"] or 0)))
             await conn.execute(f"DELETE FROM {q(schema)}.pending_refresh WHERE gid = $1", row[0])
             done.append(CaughtUp(row[0], summarize_keys(row[1]), tuple(refreshed)))
     PERSISTED.forget(database, (d.gid for d in done))
