@@ -1,4 +1,4 @@
-"""Command line: ``tvproxy serve | check | demo | tview``.
+"""Command line: ``tvproxy serve | check | demo | tview | recover``.
 
 Exit codes: 0 ok, 1 runtime failure, 2 bad configuration or usage (like argparse itself).
 """
@@ -314,6 +314,42 @@ def cmd_tview(args: argparse.Namespace) -> int:
         raise
 
 
+# --------------------------------------------------------------------------------------------
+# tvproxy recover
+
+
+def _recover_targets(cfg: Config, database: str | None) -> list[str]:
+    if database is None:
+        if not cfg.databases:
+            raise ConfigError(cfg.path or "tvproxy recover", "databases", "no database configured")
+        return list(cfg.databases)
+    if database not in cfg.databases:
+        names = ", ".join(cfg.databases) or "none"
+        raise ConfigError(
+            cfg.path or "tvproxy recover", f"databases.{database}",
+            f"no such database (configured: {names})",
+        )
+    return [database]
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    try:
+        cfg = _load(args)
+        names = _recover_targets(cfg, args.database)
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_CONFIG
+    _print_warnings(cfg)
+    from tvproxy.recover import recover_all
+
+    targets = {}
+    for name in names:
+        kwargs = _database_connect_kwargs(cfg.databases[name])
+        kwargs.setdefault("user", "postgres")  # as the proxy's own control link
+        targets[name] = kwargs
+    return asyncio.run(recover_all(cfg, targets))
+
+
 def _port_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -533,6 +569,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--full", action="store_true", help="refresh every TVIEW")
     tsub.add_parser("verify", help="compare every tv_ with its v_; exit 1 on drift")
     sp.set_defaults(func=cmd_tview)
+
+    sp = sub.add_parser(
+        "recover",
+        help="run one 2PC catch-up pass (committed prepared transactions' TVIEW refresh)",
+    )
+    config_args(sp)
+    sp.add_argument("--database", metavar="NAME", help="only [databases.NAME] (default: all)")
+    sp.set_defaults(func=cmd_recover)
     return p
 
 

@@ -10,6 +10,7 @@ returns a ``wait`` predicate that the console polls before answering.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
@@ -18,6 +19,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from tvproxy import __version__
+from tvproxy.admin import pending
 from tvproxy.config import (
     NOT_CHANGEABLE,
     PGBOUNCER_GLOBAL_SETTINGS,
@@ -169,7 +171,7 @@ TVIEW_STATS = _cols(
     "total_refresh_us:i avg_refresh_us:i max_refresh_us:i last_refresh_at"
 )
 TVIEW_QUEUE = _cols("client_id:i database entity keys:i savepoint_depth:i age_us:i")
-TVIEW_PENDING = _cols("gid database keys:i prepared_at state")
+TVIEW_PENDING = _cols("gid database keys prepared_at state")  # see admin/pending.py
 
 HELP_TEXT = "\n".join((
     "",
@@ -682,6 +684,34 @@ def show_tview_queue(proxy: ProxyServer) -> list[tuple]:
     return rows
 
 
+def _show_tview_pending(proxy: ProxyServer, columns: Columns | None) -> Result:
+    """SHOW TVIEW PENDING (admin/pending.py): the query runs as a task; the console waits for
+    it (``Result.wait``) and the rows are filled in when it is done."""
+    res = Result("SHOW", columns)
+    task = asyncio.get_running_loop().create_task(pending.collect(proxy))
+    taken = False
+
+    def ready() -> bool:
+        nonlocal taken
+        if not task.done():
+            return False
+        if not taken:
+            taken = True
+            if task.cancelled() or task.exception() is not None:
+                reason = "cancelled" if task.cancelled() else str(task.exception())
+                log.error("show tview pending failed", error=reason)
+                res.notices.append(B.notice_response(
+                    f"SHOW TVIEW PENDING failed: {reason}", "XX000", "WARNING"))
+            else:
+                queues, res.notices = task.result()
+                res.rows = [(p.gid, p.database, p.keys, _iso(p.prepared_at), p.state)
+                            for p in queues]
+        return True
+
+    res.wait = ready
+    return res
+
+
 def show(session: AdminSession, cmd: Command) -> Result:
     proxy = session.proxy
     subject = cmd.arg
@@ -711,13 +741,15 @@ def show(session: AdminSession, cmd: Command) -> Result:
         "tview stats": lambda: show_tview_stats(proxy),
         "tview queue": lambda: show_tview_queue(proxy),
     }
+    if subject == "tview pending":  # asks the databases: answered once they replied
+        return _show_tview_pending(proxy, columns)
     if subject == "fds":  # it would hand out cancel keys: admin only, as PgBouncer
         session.require_admin()
         return Result("SHOW", columns, [])
     producer = producers.get(subject)
     if producer is not None:
         return Result("SHOW", columns, producer())
-    # mem, dns_*, peers, peer_pools, tview pending (no 2PC queues yet): nothing to report
+    # mem, dns_*, peers, peer_pools: nothing to report
     return Result("SHOW", columns, [])
 
 

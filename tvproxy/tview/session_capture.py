@@ -24,7 +24,7 @@ from tvproxy.tview.model import RuntimeCatalog
 from tvproxy.tview.opaque import baseline_sql, close_sql
 from tvproxy.tview.planner import ALL_KEYS
 from tvproxy.tview.statement import Analyzer, Kind, Statement
-from tvproxy.tview.twophase import encode_keys, insert_sql
+from tvproxy.tview.twophase import PERSISTED, encode_keys, insert_sql
 from tvproxy.tview.txcontrol import TxKind
 
 if TYPE_CHECKING:
@@ -294,6 +294,7 @@ class CaptureHooks:
         everything = [e for ent in cat.audited.values() for e in all_affected(cat, ent)] if (
             self.audits_inflight) else []
         params = (gid, self.client.database, encode_keys(keys, everything))
+        PERSISTED.record(*params)  # SHOW TVIEW PENDING: keys of queues still prepared
         pre.append((statement_messages([insert_sql(self.engine.cfg.schema)], [params]) + B.SYNC,
                     None))
 
