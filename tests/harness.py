@@ -281,7 +281,8 @@ class ProxyProcess:
             p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
         )
         env["PYTHONUNBUFFERED"] = "1"
-        env.setdefault("TVPROXY_LOG_LEVEL", "info")
+        # debug: the tests read the per-refresh ``tview refresh`` events (tview_fixture.py)
+        env.setdefault("TVPROXY_LOG_LEVEL", "debug")
         env.update(self.extra_env)
         return env
 

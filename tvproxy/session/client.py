@@ -97,6 +97,7 @@ class ClientSession(asyncio.Protocol):
         self.inject_rows: list = []
         self.inject_error: bytes | None = None
         self.inject_batch_error: bytes | None = None  # the error of the batch being read
+        self.inject_skipped = False  # the server skipped the batch after the client's error
         self.inject_desc: bytes | None = None
         self.inject_tag: bytes | None = None
         self.strip_row: bytearray | None = None  # a big DataRow to strip, until it is whole
@@ -529,14 +530,43 @@ class ClientSession(asyncio.Protocol):
         self.framer.unread(end)
         if run < 0:
             run = start
-        out.append(bytes(buf[run:end]))
         tv = self.tview
+        if tv is not None and tv.implicit and buf[start] == 0x53:
+            self._close_implicit(tv, out, buf, run, start, end)
+            return
+        out.append(bytes(buf[run:end]))
         post = tv.close_now(self) if tv is not None else None
         if post:  # plan + COMMIT in the same round trip
             for batch in post:
                 out.append(batch)
                 self.expect.append(EXP_INJECT)
             self.tv_deferred = True
+        self.holding = True
+        self.tv_hold = True
+        if self.server is not None:
+            self.server.write(b"".join(out))
+
+    def _close_implicit(self, tv: TransactionHooks, out: list[bytes], buf: bytes | bytearray,
+                        run: int, start: int, end: int) -> None:
+        """The client's Sync ends a batch whose implicit transaction the engine closes: the
+        plan replaces the Sync (its own Sync commits it all), or a BEGIN goes before the Sync
+        when keys are still to come (then closed at ReadyForQuery, see ``ready``)."""
+        out.append(bytes(buf[run:start]))
+        expect = self.expect
+        expect.pop()  # the client's Sync, appended by the caller
+        post = tv.close_implicit(self)
+        if post:
+            for batch in post:
+                out.append(batch)
+                expect.append(EXP_INJECT)
+            self.tv_deferred = True
+        else:
+            if post is None:
+                begin, replies = tv.upgrade_at_sync()
+                out.append(begin)
+                expect.extend([EXP_SKIP1] * replies)
+            out.append(bytes(buf[start:end]))
+            expect.append(EXP_SYNC)
         self.holding = True
         self.tv_hold = True
         if self.server is not None:
@@ -835,8 +865,12 @@ class ClientSession(asyncio.Protocol):
                 elif mtype == 0x45:  # ErrorResponse
                     self.copy_in = False
                     if type(head) is tuple or head == EXP_EXT or head == EXP_SKIP1:
-                        # the server skips everything up to the next Sync
+                        # the server skips everything up to the next Sync: the client's, or
+                        # the one of a plan that replaced it (_close_implicit)
                         while expect and expect[0] != EXP_SYNC:
+                            if expect[0] == EXP_INJECT and self.tv_deferred:
+                                self.inject_skipped = True
+                                break
                             self._drop_head(error=True)
                 elif mtype in TERMINALS:
                     if head == EXP_QUERY or head == EXP_SYNC:
@@ -925,8 +959,11 @@ class ClientSession(asyncio.Protocol):
             expect.popleft()
             own = self.inject_batch_error
             self.inject_batch_error = None
+            skipped, self.inject_skipped = self.inject_skipped, False
             if self.tview is not None:
                 fields = D.error_fields(own[5:]) if own is not None else None
+                if fields is None and skipped:  # the client's statement failed before it
+                    fields = {"C": "25P02", "M": "skipped after the client's error"}
                 if self.tview.injected(self.inject_rows, fields) and own is self.inject_error:
                     self.inject_error = None  # the engine's own affair (an audit)
             error = self.inject_error

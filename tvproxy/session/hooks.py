@@ -27,6 +27,11 @@ client's next request (a refresh that fails fails the COMMIT) unless ``injected`
   in the same round trip, or None (keys still to come back: closed at ``ready`` instead).  The
   session then swallows the ReadyForQuery of the client's request and answers the one of the
   COMMIT (with the plan's error, if any).
+- ``implicit``: the proxy took charge of an extended batch's implicit transaction without a
+  BEGIN.  At the client's Sync, ``close_implicit(session)`` gives the plan to send *instead*
+  of that Sync (it ends in its own; ``[]``: send the client's Sync as it is), or None: then
+  ``upgrade_at_sync()`` gives a BEGIN (and how many replies of it to swallow) to send before the Sync, and
+  the transaction is closed at ``ready`` like any other block the proxy opened.
 
 Appended RETURNING (tview/returning.py, keys the statement text does not name):
 
@@ -67,6 +72,7 @@ class TransactionHooks(Protocol):
     db: TviewDatabaseState
     reload_after: bool
     wrapped: bool
+    implicit: bool
     hold: bool
     stmts: dict[bytes, object]
     rewritten: dict[bytes, object]
@@ -86,6 +92,10 @@ class TransactionHooks(Protocol):
     def ready(self, session: ClientSession, status: bytes) -> list[bytes] | None: ...
 
     def close_now(self, session: ClientSession) -> list[bytes] | None: ...
+
+    def close_implicit(self, session: ClientSession) -> list[bytes] | None: ...
+
+    def upgrade_at_sync(self) -> tuple[bytes, int]: ...
 
     def hold_ready(self, session: ClientSession, status: bytes) -> bool: ...
 

@@ -214,6 +214,7 @@ class TviewSession(CaptureHooks, ReturningHooks):
         self.tracker = TransactionTracker()
         self.in_block = False
         self.wrapped = False
+        self.implicit = False  # wrapped, still in PostgreSQL's implicit transaction of a batch
         self.hold = True  # hold the client's input after a statement in a wrapped transaction
         # prepared statements that concern the engine (see parse)
         self.stmts: dict[bytes, Prepared] = {}
@@ -428,6 +429,7 @@ class TviewSession(CaptureHooks, ReturningHooks):
         self.opaque_tables = []
         self.failed = False
         self.flushed = set()
+        self.implicit = False
         self.txn += 1
 
     def ready(self, client: ClientSession, status: bytes) -> list[bytes] | None:
@@ -559,7 +561,7 @@ class TviewSession(CaptureHooks, ReturningHooks):
         total.total_refresh_us += elapsed
         total.max_refresh_us = max(total.max_refresh_us, elapsed)
         total.last_refresh_at = now
-        log.info("tview refresh", client=self.client.id, database=db,
+        log.debug("tview refresh", client=self.client.id, database=db,
                  entities=list(plan.entities), keys=counts,
                  statements=len(plan.statements), ms=round(elapsed / 1000, 3))
         return False

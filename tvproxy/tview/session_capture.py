@@ -161,6 +161,7 @@ class CaptureHooks:
     tracker: Any
     in_block: bool
     wrapped: bool
+    implicit: bool
     hold: bool
     stmts: dict[bytes, Prepared]
     inflight: list[object]
@@ -190,15 +191,35 @@ class CaptureHooks:
             self.cat = cat
         return cat
 
-    def _wrap(self, pre: list[tuple[bytes, object]]) -> None:
+    def _wrap(self, pre: list[tuple[bytes, object]], implicit: bool = False) -> None:
+        """The proxy takes charge of closing the client's implicit transaction.  ``implicit``
+        (extended protocol): PostgreSQL's own implicit transaction of the batch is kept, and
+        the plan goes in before the client's Sync (:meth:`close_implicit`); otherwise, or as
+        soon as something must run inside it in a batch of its own, a BEGIN opens a block."""
         if not self.in_block and not self.wrapped:
             self.wrapped = True
+            if implicit:
+                self.implicit = True
+            else:
+                pre.insert(0, (B.query("BEGIN"), None))
+
+    def _upgrade(self, pre: list[tuple[bytes, object]], query: bool = False) -> None:
+        """The implicit transaction becomes a block: the BEGIN runs inside it (PostgreSQL then
+        keeps what the batch did so far), ahead of a batch of the engine that ends in a Sync,
+        or as a Query of its own ahead of the client's Query (``query``)."""
+        self.implicit = False
+        if query or not pre:
             pre.insert(0, (B.query("BEGIN"), None))
+        else:
+            batch, meta = pre[0]
+            pre[0] = (BEGIN_IN_BATCH + batch, meta)
 
     def _send(self, pre: list[tuple[bytes, object]]) -> list[bytes] | None:
         """Batches to run, in order; what each one is for waits in ``inflight``."""
         if not pre:
             return None
+        if self.implicit:  # a Sync of the engine's inside the client's implicit transaction
+            self._upgrade(pre)
         self.inflight.extend(meta for _, meta in pre)
         return [batch for batch, _ in pre]
 
@@ -352,14 +373,16 @@ class CaptureHooks:
     def query(self, client: ClientSession, text: bytes) -> list[bytes] | None:
         """A simple Query: returns the messages to run first (each ending in one
         ReadyForQuery), or None."""
+        pre: list[tuple[bytes, object]] = []
+        if self.implicit:  # a Query would end the implicit transaction of the batch
+            self._upgrade(pre, query=True)
         cat = self._catalog()
         if cat.empty:
-            return None
+            return self._send(pre)
         st = self.db.analyzer.analyze(text.decode("utf-8", "replace"))
         self.hold = True
         if not st.kind and self.span is None:
-            return None  # nothing the engine follows (and no audit to close before it)
-        pre: list[tuple[bytes, object]] = []
+            return self._send(pre)  # nothing the engine follows (and no audit to close first)
         self._statement(st, pre, cat)
         writes = st.writes
         if not writes:
@@ -398,7 +421,7 @@ class CaptureHooks:
         self._statement(st, pre, cat)
         if st.writes or st.kind & Kind.OPAQUE:
             self.stmts[name] = Prepared(sql, st, an, False)
-            self._wrap(pre)  # before the Parse: a Query in between would drop an unnamed one
+            self._wrap(pre, True)  # before the Parse: a Query in between would drop it
         else:
             self.stmts.pop(name, None)
         return self._send(pre)
@@ -433,7 +456,7 @@ class CaptureHooks:
         for w in st.writes:
             self._touch(cat, w, _bound_keys(w, formats, values, cat), pre)
         if name and (st.writes or st.kind & Kind.OPAQUE):
-            self._wrap(pre)
+            self._wrap(pre, True)
         return self._send(pre)
 
     def may_track(self, client: ClientSession, text: bytes) -> bool:
@@ -462,6 +485,41 @@ class CaptureHooks:
         self.wrapped = False
         pre.append((B.query("COMMIT"), None))
         return self._send(pre)
+
+    def close_implicit(self, client: ClientSession) -> list[bytes] | None:
+        """The client's Sync ends PostgreSQL's implicit transaction of its batch, which the
+        proxy did not open a block for: the plan goes in before it, ending in the Sync that
+        commits it all (no BEGIN, no COMMIT, one ReadyForQuery).  ``[]``: nothing to refresh,
+        the client's Sync goes as it is.  None: keys are still to come (appended RETURNING,
+        pre-images), so the transaction becomes a block first (:meth:`upgrade_at_sync`)."""
+        if any(isinstance(m, str) for m in self.inflight) or any(
+                not s.describe and not s.abandoned for s in self.ret_live):
+            return None
+        if self.span is not None:  # an audit to compare first, in a batch of its own
+            return None
+        cat = self._catalog()
+        pre: list[tuple[bytes, object]] = []
+        self.implicit = False
+        self._plan_batch(pre, cat, self.with_new_tviews(  # type: ignore[attr-defined]
+            cat, self.tracker.take()), False)
+        pre = [(batch, Closing(meta)) for batch, meta in pre]
+        self._end_transaction()  # type: ignore[attr-defined]
+        self.wrapped = False
+        return self._send(pre) or []
+
+    def upgrade_at_sync(self) -> tuple[bytes, int]:
+        """The BEGIN that turns the batch's implicit transaction into a block, sent right
+        before the client's Sync, with the number of its replies (the proxy's to swallow)."""
+        self.implicit = False
+        return BEGIN_IN_BATCH, BEGIN_IN_BATCH_REPLIES
+
+
+# The proxy's BEGIN inside a client's batch, without a Sync, under names of its own (a
+# Parse/Bind of the unnamed statement or portal would drop the client's): CloseComplete,
+# ParseComplete, BindComplete, CommandComplete.
+BEGIN_IN_BATCH = (B.close_statement(b"tvproxy_begin") + B.parse(b"tvproxy_begin", b"BEGIN")
+                  + B.bind(b"tvproxy_begin", [], b"tvproxy_begin") + B.execute(b"tvproxy_begin"))
+BEGIN_IN_BATCH_REPLIES = 4
 
 
 def _bound_keys(w: WriteCapture, formats: list[int], values: list[bytes | None],

@@ -27,7 +27,6 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from enum import IntFlag
 from typing import Protocol
 
 import pglast
@@ -127,7 +126,10 @@ def literal_spans(sql: str, shape: str) -> list[tuple[int, int, int]] | None:
 # --- the result ------------------------------------------------------------------------------
 
 
-class Kind(IntFlag):
+class Kind:
+    """Bits of :attr:`Statement.kind` (plain ints: tested on every statement, where an
+    ``IntFlag``'s ``&`` would cost a Python call)."""
+
     NOTHING = 0
     TX = 1  # transaction control (BEGIN, COMMIT, SAVEPOINT, PREPARE TRANSACTION, ...)
     WRITE = 2  # writes a tracked table
@@ -140,7 +142,7 @@ class Kind(IntFlag):
 class Statement:
     """What a statement text does, for the engine (immutable, shared between texts)."""
 
-    kind: Kind
+    kind: int  # Kind bits
     # per statement of the text: its transaction command or None; () when it does not parse
     commands: tuple[TxCommand | None, ...] = (None,)
     writes: tuple[WriteCapture, ...] = ()
@@ -255,7 +257,7 @@ class Analyzer:
 
     # --- the cheap tests ------------------------------------------------------------------
 
-    def _candidates(self, sql: str, low: str) -> Kind:
+    def _candidates(self, sql: str, low: str) -> int:
         """What the text may be, from first keywords and substrings (a superset)."""
         if ";" in low:
             words = set(_FIRST_WORDS.findall(low))
@@ -281,7 +283,7 @@ class Analyzer:
 
     # --- parsing --------------------------------------------------------------------------
 
-    def _flags(self, text: str) -> Kind:
+    def _flags(self, text: str) -> int:
         """The flags read from a text (the normalised one: literals do not count)."""
         low = text.lower()
         kind = Kind.NOTHING
@@ -294,7 +296,7 @@ class Analyzer:
         return kind
 
     def _statement(self, stmts: tuple[ast.RawStmt, ...] | list[ast.RawStmt],
-                   flags: Kind) -> Statement:
+                   flags: int) -> Statement:
         commands: list[TxCommand | None] = []
         writes: list[WriteCapture] = []
         for raw in stmts:
