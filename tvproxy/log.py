@@ -24,6 +24,14 @@ LEVELS = {
 }
 
 
+_level = logging.INFO  # the configured level (see debug_enabled)
+
+
+def debug_enabled() -> bool:
+    """Whether debug events are written: hot paths test this before building one."""
+    return _level <= logging.DEBUG
+
+
 def configure_logging(level: str = "info", json: bool | None = None) -> None:
     """Configure structlog (and the stdlib root logger) to write to stderr.
 
@@ -36,6 +44,8 @@ def configure_logging(level: str = "info", json: bool | None = None) -> None:
         raise ValueError(
             f"unknown log level {level!r}; expected one of {', '.join(LEVELS)}"
         ) from None
+    global _level
+    _level = numeric
     if json is None:
         json = not _isatty(sys.stderr)
 

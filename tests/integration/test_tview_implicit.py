@@ -122,3 +122,19 @@ def test_keys_from_returning_and_pipelines(pg: Any, fixture_f: Any) -> None:
                         " jsonb_array_length(data->'comments') FROM tv_post WHERE pk_post = 1"
                         ).fetchone()
     assert got == ("pp1", "Alicia", 3)
+
+
+def test_keys_written_again_count_as_coalesced(pg: Any, fixture_f: Any) -> None:
+    before = tview_fixture.stats(fixture_f)
+    with psycopg.connect(fixture_f.dsn("app")) as c:
+        for i in range(10):  # ten writes of one row: one refresh of it
+            c.execute("UPDATE tb_user SET name = %s WHERE pk_user = 2", (f"Bob {i}",))
+    after = tview_fixture.stats(fixture_f)
+
+    def delta(tview: str, counter: str) -> int:
+        return int(after[tview][counter]) - int(before.get(tview, {}).get(counter, 0))
+
+    assert delta("tv_user", "keys_coalesced") == 9
+    assert delta("*", "keys_coalesced") == 9
+    assert delta("tv_user", "rows_refreshed") == 1
+    oracle(pg)

@@ -147,3 +147,26 @@ def test_flush_is_undone_with_its_savepoint() -> None:
     t.rollback_to("s")
     assert t.pending() == {"user": {1}, "post": {3}}
     assert t.flush() and t.pending() == {}
+
+
+def test_touches_count_repeats_for_keys_coalesced() -> None:
+    t = TransactionTracker()
+    for _ in range(10):  # ten writes of one row: one key, nine coalesced
+        t.touch("user", [1])
+        t.statement_succeeded()
+    t.touch("post", [1, 2])
+    t.statement_succeeded()
+    t.savepoint("a")
+    t.touch("post", [2])
+    t.statement_succeeded()
+    t.savepoint("b")
+    t.touch("post", [3])
+    t.statement_succeeded()
+    assert t.rollback_to("b")  # undone: neither the key nor its touch counts
+    assert t.release("a")
+    t.touch("user", [2])
+    t.statement_failed()  # a failed statement's touches go with it
+    keys = t.take()
+    assert keys == {"user": {1}, "post": {1, 2}}
+    assert t.taken_touches == {"user": 10, "post": 3}
+    assert t.take() == {} and t.taken_touches == {}

@@ -16,7 +16,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from tvproxy.log import get_logger
+from tvproxy.log import debug_enabled, get_logger
 from tvproxy.protocol import build as B
 from tvproxy.tview.analyze import CreateTview, DropTviews, TviewError, parse_tview_ddl
 from tvproxy.tview.conversation import Reply, ServerConversation, ServerError, row_description
@@ -382,8 +382,15 @@ class TviewSession(CaptureHooks, ReturningHooks):
                                     f"'{exc.sqlstate}', MESSAGE = "
                                     f"{_sql_literal(exc.message)}; END$$",), ((),))
         if plan is not None:
-            st = self.engine.stat(self.client.database, "*")
+            db = self.client.database
+            st = self.engine.stat(db, "*")
             st.keys_enqueued += sum(len(v) for v in keys.values())
+            for entity, n in self.tracker.taken_touches.items():
+                coalesced = n - len(keys.get(entity, ()))
+                if coalesced > 0:  # written again after it was queued: refreshed once
+                    st.keys_coalesced += coalesced
+                    if entity in cat.specs:
+                        self.engine.stat(db, entity).keys_coalesced += coalesced
         return plan
 
     def _plan_batch(self, pre: list[tuple[bytes, object]], cat: RuntimeCatalog,
@@ -561,9 +568,10 @@ class TviewSession(CaptureHooks, ReturningHooks):
         total.total_refresh_us += elapsed
         total.max_refresh_us = max(total.max_refresh_us, elapsed)
         total.last_refresh_at = now
-        log.debug("tview refresh", client=self.client.id, database=db,
-                 entities=list(plan.entities), keys=counts,
-                 statements=len(plan.statements), ms=round(elapsed / 1000, 3))
+        if debug_enabled():
+            log.debug("tview refresh", client=self.client.id, database=db,
+                      entities=list(plan.entities), keys=counts,
+                      statements=len(plan.statements), ms=round(elapsed / 1000, 3))
         return False
 
 

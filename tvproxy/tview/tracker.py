@@ -22,7 +22,8 @@ def _merge(into: Keys, keys: Keys) -> None:
 
 
 class TransactionTracker:
-    __slots__ = ("_flushed", "_levels", "_names", "_statement", "generation")
+    __slots__ = ("_counts", "_flushed", "_levels", "_names", "_statement", "generation",
+                 "taken_touches")
 
     def __init__(self) -> None:
         self.generation = 0  # one more at every reset: keys that arrive late know their transaction
@@ -30,6 +31,10 @@ class TransactionTracker:
         self._names: list[str] = []  # savepoint names, one per level above the first
         self._statement: Keys = {}
         self._flushed: list[Keys] = [{}]  # keys refreshed early, by the level they ran in
+        # touches (keys written, repeats included) per entity, by level: a key written again
+        # is refreshed once (SHOW TVIEW STATS keys_coalesced = touches - keys)
+        self._counts: list[dict[str, int]] = [{}]
+        self.taken_touches: dict[str, int] = {}  # the touches of the keys last taken
 
     # --- statements ------------------------------------------------------------------------
 
@@ -39,6 +44,9 @@ class TransactionTracker:
 
     def statement_succeeded(self) -> None:
         _merge(self._levels[-1], self._statement)
+        counts = self._counts[-1]
+        for entity, pks in self._statement.items():
+            counts[entity] = counts.get(entity, 0) + len(pks)
         self._statement = {}
 
     def statement_failed(self) -> None:
@@ -55,6 +63,7 @@ class TransactionTracker:
         self._names.append(name)
         self._levels.append({})
         self._flushed.append({})
+        self._counts.append({})
 
     def _find(self, name: str) -> int | None:
         for i in range(len(self._names) - 1, -1, -1):
@@ -69,6 +78,8 @@ class TransactionTracker:
         del self._names[i + 1:]
         del self._levels[i + 2:]
         self._levels[i + 1] = {}
+        del self._counts[i + 2:]
+        self._counts[i + 1] = {}
         for flushed in self._flushed[i + 1:]:  # those refreshes are undone: pending again
             _merge(self._levels[i], flushed)
         del self._flushed[i + 2:]
@@ -85,6 +96,10 @@ class TransactionTracker:
             _merge(below, level)
         for flushed in self._flushed[i + 1:]:
             _merge(self._flushed[i], flushed)
+        for counts in self._counts[i + 1:]:
+            for entity, n in counts.items():
+                self._counts[i][entity] = self._counts[i].get(entity, 0) + n
+        del self._counts[i + 1:]
         del self._names[i:]
         del self._levels[i + 1:]
         del self._flushed[i + 1:]
@@ -104,6 +119,11 @@ class TransactionTracker:
 
     def take(self, entities: Iterable[str] | None = None) -> Keys:
         """Remove and return pending keys (of ``entities`` only, when given): a flush."""
+        taken: dict[str, int] = {}
+        for counts in self._counts:
+            for entity in list(counts) if entities is None else set(entities) & counts.keys():
+                taken[entity] = taken.get(entity, 0) + counts.pop(entity)
+        self.taken_touches = taken
         if entities is None:
             out = self.pending()
             self._levels = [{} for _ in self._levels]
@@ -129,3 +149,5 @@ class TransactionTracker:
         self._names = []
         self._statement = {}
         self._flushed = [{}]
+        self._counts = [{}]
+        self.taken_touches = {}
