@@ -138,3 +138,42 @@ def test_keys_written_again_count_as_coalesced(pg: Any, fixture_f: Any) -> None:
     assert delta("*", "keys_coalesced") == 9
     assert delta("tv_user", "rows_refreshed") == 1
     oracle(pg)
+
+
+def test_simple_query_autocommit_write(pg: Any, fixture_f: Any) -> None:
+    """One write in a simple Query runs as an unnamed extended statement closed by the plan;
+    the client still gets a simple Query's replies (asyncpg's execute() without arguments
+    sends a simple Query)."""
+    with psycopg.connect(fixture_f.dsn("app"), autocommit=True) as c:
+        c.execute("CREATE TABLE tb_div (pk_div BIGINT PRIMARY KEY, id UUID NOT NULL DEFAULT "
+                  "gen_random_uuid(), v INT NOT NULL); INSERT INTO tb_div VALUES (1, DEFAULT, 1)")
+        c.execute("CREATE TABLE tv_div AS SELECT pk_div, id, jsonb_build_object('q', 10 / v)"
+                  " AS data FROM tb_div")
+
+    async def run() -> None:
+        conn = await asyncpg.connect(fixture_f.url("app"))
+        try:
+            assert await conn.execute("UPDATE tb_post SET title = 's1' WHERE pk_post = 1") == (
+                "UPDATE 1")
+            oracle(pg)
+            assert not any(q.strip().upper() == "COMMIT" for q in _server_statements(pg))
+            with pytest.raises(asyncpg.ForeignKeyViolationError):
+                await conn.execute("UPDATE tb_post SET fk_user = 77 WHERE pk_post = 1")
+            with pytest.raises(asyncpg.DivisionByZeroError):  # the plan fails: rolled back
+                await conn.execute("UPDATE tb_div SET v = 0 WHERE pk_div = 1")
+            assert not conn.is_in_transaction()
+            # two statements in one Query, and rows returned: the Query goes as it is
+            await conn.execute("UPDATE tb_post SET title = 's2' WHERE pk_post = 2;"
+                               " UPDATE tb_post SET title = 's3' WHERE pk_post = 3")
+            rows = await conn.fetch("UPDATE tb_post SET title = 's4' WHERE pk_post = 1"
+                                    " RETURNING pk_post, title")
+            assert [tuple(r) for r in rows] == [(1, "s4")]
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+    with psycopg.connect(pg.dsn("app"), autocommit=True) as d:
+        assert d.execute("SELECT v FROM tb_div").fetchone() == (1,)
+        assert d.execute("SELECT pk_post, data->>'title' FROM tv_post ORDER BY 1").fetchall(
+            ) == [(1, "s4"), (2, "s2"), (3, "s3")]
+    oracle(pg, entities=("company", "user", "post", "div"))

@@ -354,6 +354,10 @@ class ClientSession(asyncio.Protocol):
                                 self._hold_after(out, buf, -1, end, end)
                                 return
                             continue
+                    if tv is not None and tv.convert_query:
+                        tv.convert_query = False
+                        self._query_implicit(tv, out, buf, run, start, end)
+                        return
                     expect.append(EXP_QUERY)
                     if tv is not None and tv.wrapped and tv.hold:
                         self._hold_after(out, buf, run, start, end)
@@ -552,8 +556,24 @@ class ClientSession(asyncio.Protocol):
         plan replaces the Sync (its own Sync commits it all), or a BEGIN goes before the Sync
         when keys are still to come (then closed at ReadyForQuery, see ``ready``)."""
         out.append(bytes(buf[run:start]))
+        self.expect.pop()  # the client's Sync, appended by the caller
+        self._end_implicit(tv, out, bytes(buf[start:end]))
+
+    def _query_implicit(self, tv: TransactionHooks, out: list[bytes], buf: bytes | bytearray,
+                        run: int, start: int, end: int) -> None:
+        """A Query of one autocommit write without rows to return: the same text as an unnamed
+        Parse/Bind/Execute (a Query drops the unnamed statement anyway), closed like an
+        extended batch; the client gets the replies of its Query (CommandComplete, and its
+        ReadyForQuery after the plan's)."""
+        self._flush_run(out, buf, run, start)
+        self.framer.unread(end)
+        out.append(B.parse(b"", bytes(buf[start + 5:end - 1])) + B.bind(b"", [])
+                   + B.execute())
+        self.expect.extend((EXP_SKIP1, EXP_SKIP1, EXP_EXT))
+        self._end_implicit(tv, out, B.SYNC)
+
+    def _end_implicit(self, tv: TransactionHooks, out: list[bytes], sync: bytes) -> None:
         expect = self.expect
-        expect.pop()  # the client's Sync, appended by the caller
         post = tv.close_implicit(self)
         if post:
             for batch in post:
@@ -565,7 +585,7 @@ class ClientSession(asyncio.Protocol):
                 begin, replies = tv.upgrade_at_sync()
                 out.append(begin)
                 expect.extend([EXP_SKIP1] * replies)
-            out.append(bytes(buf[start:end]))
+            out.append(sync)
             expect.append(EXP_SYNC)
         self.holding = True
         self.tv_hold = True

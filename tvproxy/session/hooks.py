@@ -32,6 +32,8 @@ client's next request (a refresh that fails fails the COMMIT) unless ``injected`
   of that Sync (it ends in its own; ``[]``: send the client's Sync as it is), or None: then
   ``upgrade_at_sync()`` gives a BEGIN (and how many replies of it to swallow) to send before the Sync, and
   the transaction is closed at ``ready`` like any other block the proxy opened.
+- ``convert_query`` after ``query``: the session sends that Query's text as an unnamed
+  Parse/Bind/Execute (no Describe: it returns no rows) and closes it as an implicit batch.
 
 Appended RETURNING (tview/returning.py, keys the statement text does not name):
 
@@ -73,6 +75,7 @@ class TransactionHooks(Protocol):
     reload_after: bool
     wrapped: bool
     implicit: bool
+    convert_query: bool
     hold: bool
     stmts: dict[bytes, object]
     rewritten: dict[bytes, object]

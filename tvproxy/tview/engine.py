@@ -215,6 +215,7 @@ class TviewSession(CaptureHooks, ReturningHooks):
         self.in_block = False
         self.wrapped = False
         self.implicit = False  # wrapped, still in PostgreSQL's implicit transaction of a batch
+        self.convert_query = False  # the Query just seen runs as an extended statement
         self.hold = True  # hold the client's input after a statement in a wrapped transaction
         # prepared statements that concern the engine (see parse)
         self.stmts: dict[bytes, Prepared] = {}

@@ -162,6 +162,7 @@ class CaptureHooks:
     in_block: bool
     wrapped: bool
     implicit: bool
+    convert_query: bool
     hold: bool
     stmts: dict[bytes, Prepared]
     inflight: list[object]
@@ -397,7 +398,16 @@ class CaptureHooks:
             keys = None if w.keys is None or any(k.param is not None for k in w.keys) else [
                 k.value for k in w.keys]
             self._touch(cat, w, keys, pre)
-        self._wrap(pre)
+        if (rw is None and self.hold and not pre and not self.in_block and not self.wrapped
+                and len(st.commands) == 1 and not st.kind & (Kind.TX | Kind.OPAQUE)
+                and self.span is None and b"returning" not in text.lower()):
+            # one autocommit write with its keys known and no rows to return: the session
+            # runs it as an unnamed extended statement, the plan closes its implicit
+            # transaction (no BEGIN, no COMMIT)
+            self._wrap(pre, True)
+            self.convert_query = True
+        else:
+            self._wrap(pre)
         return self._send(pre)
 
     def parse(self, client: ClientSession, name: bytes, text: bytes) -> list[bytes] | None:
