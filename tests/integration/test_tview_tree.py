@@ -20,7 +20,7 @@ import asyncpg
 import psycopg
 import pytest
 import tview_fixture
-from tview_fixture import FixtureF, drift_rows
+from tview_fixture import FixtureF, drift_rows, rollback_prepared
 
 tview_proxy = tview_fixture.tview_proxy
 
@@ -105,6 +105,7 @@ def tree(tview_pg: Any, tview_proxy: Any) -> Iterator[Tree]:
     try:
         yield fx
     finally:
+        rollback_prepared(tview_pg)  # they would hold their locks
         fx.conn.execute("DROP TABLE IF EXISTS tv_node CASCADE; DROP VIEW IF EXISTS v_node;"
                         " DROP TABLE IF EXISTS tb_node CASCADE;"
                         " DROP SCHEMA IF EXISTS tvproxy CASCADE")
@@ -283,3 +284,49 @@ def test_a_self_join_not_on_pk_and_fk_is_refreshed_fully(tree: Tree) -> None:
         _step(tree, c, ("INSERT INTO tb_node (pk_node, fk_node, name) VALUES (8, 1, 'a1')", ()))
         assert tree.data(4)["twins"] == 2
         _step(tree, c, ("DELETE FROM tb_node WHERE pk_node = %s", (6,)))
+
+
+@pytest.mark.parametrize("select", [PARENT, PATH], ids=["parent", "path"])
+def test_children_under_one_parent_pass_a_rename_of_it_waits(tree: Tree, select: str) -> None:
+    tree.make(select)
+    held = psycopg.connect(tree.proxy.dsn("app"))
+    try:
+        held.execute("SET LOCAL lock_timeout = '5s'")
+        held.execute("INSERT INTO tb_node (pk_node, fk_node, name) VALUES (8, 3, 'b2')")
+        held.execute("PREPARE TRANSACTION 'tree_held'")  # holds its locks until COMMIT PREPARED
+        with psycopg.connect(tree.proxy.dsn("app")) as c:  # a sibling: no wait
+            c.execute("SET LOCAL lock_timeout = '5s'")
+            c.execute("INSERT INTO tb_node (pk_node, fk_node, name) VALUES (9, 3, 'b3')")
+        # a rename of the parent rewrites the prepared child too: it waits, and the client's
+        # lock_timeout says how long
+        with psycopg.connect(tree.proxy.dsn("app")) as c, pytest.raises(
+                psycopg.errors.LockNotAvailable):
+            c.execute("SET LOCAL lock_timeout = '300ms'")
+            c.execute("UPDATE tb_node SET name = 'B' WHERE pk_node = 1" if select == PATH
+                      else "UPDATE tb_node SET name = 'B' WHERE pk_node = 3")
+            c.commit()
+        tree.check()
+        with psycopg.connect(tree.proxy.dsn("app"), autocommit=True) as c:
+            c.execute("COMMIT PREPARED 'tree_held'")
+        tree.check()
+        with psycopg.connect(tree.proxy.dsn("app")) as c:
+            c.execute("SET LOCAL lock_timeout = '5s'")
+            c.execute("UPDATE tb_node SET name = 'B' WHERE pk_node = 3")
+    finally:
+        held.close()
+    tree.check()
+    assert tree.data(8)["path" if select == PATH else "parent"] == (
+        ["root", "B", "b2"] if select == PATH else "B")
+
+
+def test_two_phase_commit_of_a_move_refreshes_old_and_new_parents(tree: Tree) -> None:
+    tree.make(CHILDREN)
+    with psycopg.connect(tree.proxy.dsn("app")) as c:
+        c.execute("UPDATE tb_node SET fk_node = %s WHERE pk_node = %s", (2, 6))
+        c.execute("DELETE FROM tb_node WHERE pk_node = %s", (7,))
+        c.execute("PREPARE TRANSACTION 'tree_move'")
+    with psycopg.connect(tree.proxy.dsn("app"), autocommit=True) as c:
+        c.execute("COMMIT PREPARED 'tree_move'")
+    tree.check()
+    assert tree.data(2)["names"] == ["a1", "a2", "b1"] and tree.data(3)["children"] == 0
+    assert tree.data(5)["children"] == 0
