@@ -62,6 +62,18 @@ def ref(sql: str) -> SelfReference | None:
     # the same row twice: nothing to propagate
     ("SELECT n.pk_node, m.name AS data FROM tb_node n JOIN tb_node m ON m.pk_node = n.pk_node",
      []),
+    # LATERAL, SELECT * of a subquery, windows and LIMIT over the children only
+    ("SELECT n.pk_node, x.name AS data FROM tb_node n, LATERAL (SELECT p.name FROM tb_node p"
+     " WHERE p.pk_node = n.fk_node) x", [(1, 0)]),
+    ("SELECT s.pk_node, p.name AS data FROM (SELECT * FROM tb_node) s"
+     " LEFT JOIN tb_node p ON p.pk_node = s.fk_node", [(1, 0)]),
+    ("SELECT n.pk_node, (SELECT jsonb_agg(x.name) FROM (SELECT c.name, row_number() OVER"
+     " (ORDER BY c.name) FROM tb_node c WHERE c.fk_node = n.pk_node) x) AS data FROM tb_node n",
+     [(0, 1)]),
+    ("SELECT n.pk_node, (SELECT c.name FROM tb_node c WHERE c.fk_node = n.pk_node"
+     " ORDER BY c.name LIMIT 1) AS data FROM tb_node n", [(0, 1)]),
+    ("SELECT n.pk_node, jsonb_agg(c.name) AS data FROM tb_node n LEFT JOIN tb_node c"
+     " ON c.fk_node = n.pk_node GROUP BY n.pk_node", [(0, 1)]),
     # recursive: the ancestors (correlated, and as a CTE of the whole view), the subtree
     ("SELECT n.pk_node, (WITH RECURSIVE up(pk, fk, name) AS (SELECT a.pk_node, a.fk_node, a.name"
      " FROM tb_node a WHERE a.pk_node = n.pk_node UNION SELECT p.pk_node, p.fk_node, p.name"
@@ -110,6 +122,20 @@ def test_one_reference_is_not_self_referencing(sql: str) -> None:
      " LEFT JOIN tb_node p ON p.pk_node = n.fk_node LEFT JOIN tb_node o"
      " ON o.pk_node = n.fk_owner", ["more than one column", "fk_node", "fk_owner"]),
     ("SELECT p.pk_node, p.name AS data FROM tb_node n NATURAL JOIN tb_node p", ["NATURAL"]),
+    # one reference, but each row reads the rows beside it
+    ("SELECT n.pk_node, row_number() OVER (PARTITION BY n.fk_node ORDER BY n.name) AS data"
+     " FROM tb_node n", ["window function"]),
+    ("SELECT s.pk_node, s.rn AS data FROM (SELECT pk_node, rank() OVER w AS rn FROM tb_node"
+     " WINDOW w AS (ORDER BY name)) s", ["window function"]),
+    ("SELECT DISTINCT ON (n.fk_node) n.pk_node, n.name AS data FROM tb_node n"
+     " ORDER BY n.fk_node, n.name", ["DISTINCT ON"]),
+    ("SELECT n.pk_node, n.name AS data FROM tb_node n ORDER BY n.name LIMIT 10",
+     ["LIMIT"]),
+    # a recursion through a computed value cannot be followed
+    ("SELECT n.pk_node, (WITH RECURSIVE up(pk, fk) AS (SELECT a.pk_node, a.fk_node FROM tb_node"
+     " a WHERE a.pk_node = n.pk_node UNION SELECT p.pk_node, COALESCE(p.fk_node, 0) FROM up"
+     " JOIN tb_node p ON p.pk_node = up.fk) SELECT count(*) FROM up) AS data FROM tb_node n",
+     ["p.pk_node = up.fk"]),
 ])
 def test_shapes_that_cannot_be_mapped(sql: str, words: list[str]) -> None:
     got = ref(sql)
@@ -131,6 +157,7 @@ def test_key_mapping_of_a_tree_and_of_a_refused_shape() -> None:
     m = key_mapping("node", cols, {"tb_node": COLUMNS["tb_node"]}, {}, bad)
     assert m.strategy == "full" and m.rules == () and m.tree is None
     assert "tv_node (view v_node)" in m.warnings[0] and "p.name = n.name" in m.warnings[0]
+    assert "refreshed fully when tb_node changes" in m.warnings[0]
 
 
 # --------------------------------------------------------------------------------------------

@@ -180,8 +180,8 @@ def key_mapping(
         columns = set(base_sources[table])
         if b == entity and self_ref is not None and self_ref.problem:
             warnings.append(
-                f"TVIEW tv_{entity} (view v_{entity}) reads {table} {self_ref.occurrences} "
-                f"times: {self_ref.problem}; it is refreshed fully when {table} changes")
+                f"TVIEW tv_{entity} (view v_{entity}) reads other rows of {table}: "
+                f"{self_ref.problem}; it is refreshed fully when {table} changes")
         elif b == entity:
             rules.append(SourceRule(table, b, "self", None))
         elif b is not None and f"fk_{b}" in tv_fks:

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 from tvproxy.tview.analyze import TviewError
 from tvproxy.tview.analyze import quote_ident as q
+from tvproxy.tview.selfterms import UNBOUNDED
 
 MODE_SQL = ("SELECT set_config('tvproxy.plan_cache_mode', current_setting('plan_cache_mode'),"
             " true), set_config('plan_cache_mode', 'force_generic_plan', true)")
@@ -47,7 +48,7 @@ RESTORE_SQL = ("SELECT set_config('plan_cache_mode', current_setting('tvproxy.pl
                " true)")
 
 
-UNBOUNDED = -1  # a level count of SelfRule.terms: to the end (at most max_propagation_depth)
+# UNBOUNDED: a level count of SelfRule.terms: to the end (at most max_propagation_depth)
 
 
 @dataclass(frozen=True)

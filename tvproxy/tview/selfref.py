@@ -37,7 +37,7 @@ from pglast import ast
 from pglast.enums import A_Expr_Kind, BoolExprType, JoinType, SetOperation, SubLinkType
 from pglast.stream import RawStream
 
-UNBOUNDED = -1
+from tvproxy.tview.selfterms import UNBOUNDED, Constraint, terms_of
 
 Token = tuple[int, str]  # (occurrence, column of the table); column "#": computed from it
 UNKNOWN: Token = (-1, "?")  # a value the walk cannot follow
@@ -104,11 +104,6 @@ class _Val:
     direct: int | None = None
 
 
-# (occurrence, alternatives): each row bound to the occurrence is reached from a row bound to
-# one of the alternatives' occurrences by its steps (U: to the parent, D: to a child)
-_Constraint = tuple[int, tuple[tuple[int, str], ...]]
-
-
 def _children(node: object) -> Iterator[ast.Node]:
     values = [getattr(node, name) for name in getattr(node, "__slots__", ())]
     while values:
@@ -144,19 +139,8 @@ def _expr_nodes(node: ast.Node) -> Iterator[ast.Node]:
 
 def _sublinks(node: ast.Node | None) -> Iterator[ast.SubLink]:
     """SubLinks of an expression, not those nested inside them."""
-    if node is None:
-        return
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if isinstance(n, ast.SubLink):
-            yield n
-            if n.testexpr is not None:
-                stack.append(n.testexpr)
-            continue
-        if isinstance(n, (ast.SelectStmt, ast.RangeSubselect)):
-            continue
-        stack.extend(_children(n))
+    if node is not None:
+        yield from (n for n in _expr_nodes(node) if isinstance(n, ast.SubLink))
 
 
 def _conjuncts(node: ast.Node | None) -> list[ast.Node]:
@@ -182,12 +166,12 @@ class _Analysis:
         self.occ: dict[int, int] = {}  # id(RangeVar) -> occurrence
         self.names: list[str] = []  # alias of each occurrence
         # per condition: (link columns, constraints), None: not a link
-        self.conds: dict[int, tuple[frozenset[str], tuple[_Constraint, ...]] | None] = {}
+        self.conds: dict[int, tuple[frozenset[str], tuple[Constraint, ...]] | None] = {}
         self.mentions: dict[int, set[str]] = {}  # occurrence -> conditions mentioning it
         self.view_ast: dict[int, ast.SelectStmt] = {}
         self.sub_out: dict[int, Columns | None] = {}
         self.problems: list[str] = []
-        self.keep: list[object] = []  # parsed views stay alive (their ids are keys above)
+        self.across: dict[int, str] = {}  # occurrence -> what reads other rows beside it
 
     # -- relations ---------------------------------------------------------------------------
 
@@ -202,8 +186,7 @@ class _Analysis:
         if sql is None:
             return None
         stmt = pglast.parse_sql(sql)[0].stmt
-        self.keep.append(stmt)
-        self.view_ast[id(node)] = stmt
+        self.view_ast[id(node)] = stmt  # kept: the ids of its nodes are keys
         return stmt
 
     def range_var(self, node: ast.RangeVar, scope: _Scope) -> _Rel:
@@ -307,7 +290,13 @@ class _Analysis:
             for node in clause if isinstance(clause, tuple) else (clause,):
                 for link in _sublinks(node):
                     self.sublink(link, scope)
-        return self.targets(stmt, scope)
+        out = self.targets(stmt, scope)
+        across = _across_rows(stmt)
+        for _, tokens in out or ():
+            for i, col in tokens:
+                if across and col == self.pk:
+                    self.across.setdefault(i, across)
+        return out
 
     def targets(self, stmt: ast.SelectStmt, scope: _Scope) -> Columns | None:
         out: Columns = []
@@ -458,7 +447,7 @@ class _Analysis:
             return
         if left.direct is not None and left.direct == right.direct:
             return  # a condition on one row, not a link
-        found: list[_Constraint] = []
+        found: list[Constraint] = []
         links: set[str] = set()
         for this, other in ((left, right), (right, left)):
             if not this.local or len(this.tokens) != 1:
@@ -500,6 +489,19 @@ class _Analysis:
         return n
 
 
+def _across_rows(stmt: ast.SelectStmt) -> str | None:
+    """What makes a row of this SELECT depend on the other rows it reads beside it."""
+    if stmt.windowClause or any(isinstance(n, ast.FuncCall) and n.over is not None
+                                for t in (*(stmt.targetList or ()), *(stmt.sortClause or ()))
+                                for n in _expr_nodes(t)):
+        return "a window function"
+    if stmt.distinctClause and stmt.distinctClause != (None,):
+        return "DISTINCT ON"
+    if stmt.limitCount is not None or stmt.limitOffset is not None:
+        return "LIMIT/OFFSET"
+    return None
+
+
 def _default_name(node: ast.Node) -> str:
     if isinstance(node, ast.TypeCast):
         return _default_name(node.arg)
@@ -538,9 +540,14 @@ def self_reference(select_sql: str, table: str, pk: str, out_pk: str,
         total = a.count(stmt)
     except pglast.parser.ParseError as exc:
         return SelfReference(table, 0, None, (), f"cannot parse a view it reads ({exc})")
-    if total < 2:
+    if total == 0:
         return None
     out = a.select(stmt, None)
+    if total == 1:  # the row itself, unless something reads the rows beside it
+        roots = {t[0] for t in dict(out or ()).get(out_pk, ()) if t[0] >= 0}
+        how = next((a.across[r] for r in sorted(roots) if r in a.across), None)
+        return None if how is None else SelfReference(
+            table, 1, None, (), f"{table} is read with {how} over its other rows")
     return _result(a, out, total, out_pk)
 
 
@@ -563,80 +570,13 @@ def _result(a: _Analysis, out: Columns | None, total: int, out_pk: str) -> SelfR
     if len(links) > 1:
         return refuse(f"rows of {a.table} are linked by more than one column "
                       f"({', '.join(links)})")
-    reached, terms = _words({t[0] for t in pk_tokens}, [c for _, cs in found for c in cs], n)
+    how = next((a.across[r] for r in sorted(t[0] for t in pk_tokens) if r in a.across), None)
+    if how is not None:
+        return refuse(f"{a.table} is read with {how} over its other rows")
+    reached, terms = terms_of({t[0] for t in pk_tokens}, [c for _, cs in found for c in cs], n)
     for i in range(n):
         if i not in reached:
             how = " AND ".join(sorted(a.mentions.get(i, ()))) or "no condition"
             return refuse(f"{a.table} {a.names[i]} is joined to the row by {how}, not by an "
                           f"equality of {a.pk} with an fk_ column of {a.table}")
     return SelfReference(a.table, n, links[0] if links else None, terms)
-
-
-_INF = UNBOUNDED
-
-
-def _up(a: int, b: int) -> list[tuple[int, int]]:
-    """U appended to U^a D^b (a D then a U is no step)."""
-    if b == _INF:
-        return [(a, _INF), (_INF if a == _INF else a + 1, 0)]
-    if b > 0:
-        return [(a, b - 1)]
-    return [(_INF if a == _INF else a + 1, 0)]
-
-
-def _down(a: int, b: int) -> list[tuple[int, int]]:
-    return [(a, _INF if b == _INF else b + 1)]
-
-
-def _words(roots: set[int], constraints: list[_Constraint], n: int
-           ) -> tuple[set[int], tuple[tuple[int, int], ...]]:
-    """Occurrences reached from the roots, and the terms (down, up) of their words.
-
-    Every constraint bounds the rows of its occurrence, so one is enough: an occurrence takes
-    the first whose alternatives are reached already (or are itself: a recursion), so words
-    stay as short as the conditions allow; then the words are computed to a fixpoint."""
-    by_target: dict[int, list[tuple[tuple[int, str], ...]]] = {}
-    for target, alts in constraints:
-        if target not in roots:
-            by_target.setdefault(target, []).append(alts)
-    chosen: dict[int, tuple[tuple[int, str], ...]] = {}
-    placed = set(roots)
-    grew = True
-    while grew:
-        grew = False
-        for target, options in sorted(by_target.items()):
-            pick = next((alts for alts in options if target not in placed
-                         and all(s in placed or s == target for s, _ in alts)), None)
-            if pick is not None:
-                chosen[target], grew = pick, True
-                placed.add(target)
-    for target, options in by_target.items():  # occurrences that only reach each other
-        chosen.setdefault(target, options[0])
-    cap = max(n, 1)
-
-    def capped(w: tuple[int, int]) -> tuple[int, int]:
-        return (_INF if w[0] > cap else w[0], _INF if w[1] > cap else w[1])
-
-    words: dict[int, set[tuple[int, int]]] = {r: {(0, 0)} for r in roots}
-    grew = True
-    while grew:
-        grew = False
-        for target, alts in chosen.items():
-            new = set()
-            for source, steps in alts:
-                for w in words.get(source, ()):
-                    states = [w]
-                    for step in steps:
-                        states = [x for s in states for x in (_up(*s) if step == "U"
-                                                              else _down(*s))]
-                    new |= {capped(x) for x in states}
-            if not new <= words.get(target, set()):
-                words.setdefault(target, set()).update(new)
-                grew = True
-    terms = {w for ws in words.values() for w in ws} - {(0, 0)}
-    kept = [t for t in terms if not any(o != t and _covers(o, t) for o in terms)]
-    return {occ for occ, ws in words.items() if ws}, tuple(sorted(kept))
-
-
-def _covers(big: tuple[int, int], small: tuple[int, int]) -> bool:
-    return all(x == _INF or (y != _INF and y <= x) for x, y in zip(big, small, strict=True))
