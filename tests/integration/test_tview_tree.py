@@ -81,10 +81,11 @@ INSERT INTO tb_node (pk_node, fk_node, name) VALUES {rows};
 class Tree(FixtureF):
     """The tree on one server behind the module's proxy (FixtureF's oracle and stamps)."""
 
-    def make(self, select: str, on_delete: str = "", proxy: Any = None) -> list[str]:
-        """tb_node straight on the server, tv_node through the proxy; the WARNINGs of the
-        CREATE."""
-        self.conn.execute(_tables(on_delete))
+    def make(self, select: str, on_delete: str | None = "", proxy: Any = None) -> list[str]:
+        """tb_node straight on the server (None: as it is), tv_node through the proxy; the
+        WARNINGs of the CREATE."""
+        if on_delete is not None:
+            self.conn.execute(_tables(on_delete))
         notices: list[str] = []
         with psycopg.connect((proxy or self.proxy).dsn("app"), autocommit=True) as c:
             c.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
@@ -149,6 +150,23 @@ def test_shapes_are_detected_at_create(tree: Tree) -> None:
     tree.make(CHILDREN)
     mapping = tree.one("SELECT key_mapping FROM tvproxy.tview WHERE entity = 'node'")
     assert mapping["tree"]["terms"] == [[0, 1]]
+
+
+def test_through_a_nested_view(tree: Tree) -> None:
+    tree.conn.execute(_tables(""))
+    tree.conn.execute("CREATE VIEW v_named AS SELECT pk_node, id, fk_node, upper(name) AS label"
+                      " FROM tb_node")
+    try:
+        tree.make("SELECT n.pk_node, n.id, n.fk_node, jsonb_build_object('label', n.label,"
+                  " 'parent', p.label) AS data FROM v_named n LEFT JOIN v_named p"
+                  " ON p.pk_node = n.fk_node", None)
+        mapping = tree.one("SELECT key_mapping FROM tvproxy.tview WHERE entity = 'node'")
+        assert mapping["tree"]["terms"] == [[1, 0]]
+        with _connect(tree, "extended") as c:
+            got = _step(tree, c, ("UPDATE tb_node SET name = %s WHERE pk_node = %s", ("z", 3)))
+            assert got == {3, 6} and tree.data(6)["parent"] == "Z"
+    finally:
+        tree.conn.execute("DROP TABLE IF EXISTS tv_node; DROP VIEW IF EXISTS v_node, v_named")
 
 
 @pytest.mark.parametrize("mode", ["simple", "extended"])
