@@ -47,6 +47,15 @@ PATH = """SELECT n.pk_node, n.id, n.fk_node,
          SELECT jsonb_agg(name ORDER BY depth DESC) FROM up)) AS data
   FROM tb_node n"""
 
+# the depth of each node under a root: the TVIEW's rows are those of a recursive CTE
+DEPTH = """WITH RECURSIVE t AS (
+    SELECT pk_node, id, fk_node, name, 0 AS depth FROM tb_node WHERE fk_node IS NULL
+    UNION ALL
+    SELECT c.pk_node, c.id, c.fk_node, c.name, t.depth + 1
+      FROM tb_node c JOIN t ON c.fk_node = t.pk_node)
+SELECT t.pk_node, t.id, t.fk_node, jsonb_build_object('name', t.name, 'depth', t.depth) AS data
+  FROM t"""
+
 # twins by name: a self-join that is not pk = fk
 TWINS = """SELECT n.pk_node, n.id,
        jsonb_build_object('name', n.name, 'twins', (SELECT count(*) FROM tb_node t
@@ -220,6 +229,19 @@ def test_ancestor_path_follows_renames_and_moves(tree: Tree, mode: str) -> None:
         c.execute("UPDATE tb_node SET name = 'x' WHERE name LIKE 'a%%'")  # keys from RETURNING
         c.commit()
         tree.check()
+
+
+def test_rows_of_a_recursive_cte_follow_moves(tree: Tree) -> None:
+    tree.make(DEPTH)
+    assert tree.data(7)["depth"] == 3
+    with _connect(tree, "extended") as c:
+        got = _step(tree, c, ("UPDATE tb_node SET fk_node = %s WHERE pk_node = %s", (6, 5)))
+        assert got == {5, 7} and tree.data(7)["depth"] == 4
+        got = _step(tree, c, ("UPDATE tb_node SET fk_node = NULL WHERE pk_node = %s", (3,)))
+        assert got == {3, 5, 6, 7} and tree.data(7)["depth"] == 3
+        # a data cycle: 3 under 7 (its own descendant); the view loses them, and so does tv_
+        _step(tree, c, ("UPDATE tb_node SET fk_node = %s WHERE pk_node = %s", (7, 3)))
+        assert tree.one("SELECT count(*) FROM tv_node") == 3
 
 
 async def test_ancestor_path_with_asyncpg(tree: Tree) -> None:

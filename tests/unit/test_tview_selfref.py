@@ -38,6 +38,8 @@ def ref(sql: str) -> SelfReference | None:
     # the same, written as an inner join in WHERE, and through a nested view
     ("SELECT n.pk_node, p.name AS data FROM tb_node n, tb_node p WHERE n.fk_node = p.pk_node",
      [(1, 0)]),
+    ("SELECT n.pk_node, p.name AS data FROM tb_node n JOIN tb_node p ON p.pk_node = n.fk_node",
+     [(1, 0)]),
     ("SELECT b.pk_node, jsonb_build_object('p', p.name) AS data FROM v_base b"
      " LEFT JOIN tb_node p ON p.pk_node = b.fk_node", [(1, 0)]),
     # grandparent: two levels down
@@ -87,6 +89,22 @@ def ref(sql: str) -> SelfReference | None:
      " SELECT sub.root, c.pk_node FROM sub JOIN tb_node c ON c.fk_node = sub.pk)"
      " SELECT n.pk_node, (SELECT count(*) FROM sub WHERE sub.root = n.pk_node) AS data"
      " FROM tb_node n", [(0, INF)]),
+    # a CYCLE clause (the view's own guard against data cycles)
+    ("SELECT n.pk_node, (WITH RECURSIVE up(pk, fk) AS (SELECT a.pk_node, a.fk_node FROM tb_node"
+     " a WHERE a.pk_node = n.pk_node UNION ALL SELECT p.pk_node, p.fk_node FROM up JOIN tb_node p"
+     " ON p.pk_node = up.fk) CYCLE pk SET is_cycle USING path SELECT count(*) FROM up"
+     " WHERE NOT is_cycle) AS data FROM tb_node n", [(INF, 0)]),
+    # rows made of rows: the TVIEW's rows are those of a recursive CTE (each from the previous
+    # one, its parent), or children found through a LATERAL subquery
+    ("WITH RECURSIVE t AS (SELECT pk_node, fk_node, 1 AS depth FROM tb_node WHERE fk_node IS"
+     " NULL UNION ALL SELECT c.pk_node, c.fk_node, t.depth + 1 FROM tb_node c JOIN t"
+     " ON c.fk_node = t.pk_node) SELECT t.pk_node, t.depth AS data FROM t", [(INF, 0)]),
+    ("WITH RECURSIVE t AS (SELECT a.pk_node, b.name AS top, 1 AS depth FROM tb_node a JOIN"
+     " tb_node b ON b.pk_node = a.fk_node WHERE b.fk_node IS NULL UNION ALL SELECT c.pk_node,"
+     " t.top, t.depth + 1 FROM tb_node c JOIN t ON c.fk_node = t.pk_node)"
+     " SELECT t.pk_node, t.top AS data FROM t", [(INF, 0)]),
+    ("SELECT s.pk_node, s.pname AS data FROM tb_node n, LATERAL (SELECT c.pk_node, n.name AS"
+     " pname FROM tb_node c WHERE c.fk_node = n.pk_node) s", [(1, 0)]),
 ])
 def test_shapes(sql: str, terms: list[tuple[int, int]]) -> None:
     got = ref(sql)

@@ -165,7 +165,10 @@ def _self_rule(cat: RuntimeCatalog, entry: CatalogEntry, own: BaseTable | None,
     terms = tuple((int(t[0]), int(t[1])) for t in tree["terms"])
     e = entry.entity
     parents = None
-    if link in own.columns and any(up for _, up in terms):
+    if link not in own.columns:  # the table changed since: nothing to follow the rows by
+        cat.full_on.setdefault(e, []).append(e)
+        return None
+    if any(up for _, up in terms):
         parents = old_parents(e)  # keys of the pseudo-entity: the old parents of written rows
         cat.key_types[parents] = own.pk_type
         cat.aggregated_into.setdefault(e, []).append(parents)

@@ -11,16 +11,19 @@ them once per server and PostgreSQL runs them from a generic plan:
 1. *gate*: transaction-scoped advisory locks, in one global order (entity rank, key):
    exclusive on every TVIEW key the transaction rewrites that is known before anything is read
    (the keys it names, parents of aggregated children it wrote), shared on the parents those
-   rows read (their new state, transitively).  Two transactions wait for each other only where
-   one rewrites a row the other rewrites or reads: two inserts of children under one parent do
-   not wait, a rename of the parent and an insert under it do.  Left out when no locked row
-   reads or is read by another TVIEW (a TVIEW fed only by its own base rows, which the
-   transaction holds row locks on already).
+   rows read (their new state, transitively; in a self-referencing TVIEW, the ancestors whose
+   rows below they read: ``SelfRule.reads_up``).  Two transactions wait for each other only
+   where one rewrites a row the other rewrites or reads: two inserts of children under one
+   parent do not wait, a rename of the parent and an insert under it do.  Left out when no
+   locked row reads or is read by another TVIEW (a TVIEW fed only by its own base rows, which
+   the transaction holds row locks on already).
 2. *expand*: exclusive locks on the rows that embed a rewritten parent (``tv_e`` rows whose
-   ``fk_`` column names it, transitively), computed after the gate, so a parent's children are
-   found once whoever inserts under it has committed.  Only when some parent is embedded.
+   ``fk_`` column names it, transitively; in a self-referencing TVIEW, the rows of it the keys
+   reach through its own fk), computed after the gate, so a parent's children are found once
+   whoever inserts under it has committed.  Only when some parent is embedded.
 3. *refresh*: one statement per TVIEW, dependencies first: its key set (named keys, the
-   current parents of aggregated children, the rows embedding a refreshed parent), the
+   current parents of aggregated children, the rows embedding a refreshed parent, then in a
+   self-referencing TVIEW the rows those reach through its own fk: ``SelfRule``), the
    recomputed ``v_e`` rows for those keys, upserts of rows that changed (``IS DISTINCT FROM``),
    deletes of rows that vanished.  Its snapshot is taken after every lock was granted, so under
    READ COMMITTED it sees everything committed before.
@@ -46,9 +49,6 @@ MODE_SQL = ("SELECT set_config('tvproxy.plan_cache_mode', current_setting('plan_
             " true), set_config('plan_cache_mode', 'force_generic_plan', true)")
 RESTORE_SQL = ("SELECT set_config('plan_cache_mode', current_setting('tvproxy.plan_cache_mode'),"
                " true)")
-
-
-# UNBOUNDED: a level count of SelfRule.terms: to the end (at most max_propagation_depth)
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,11 @@ expanded from their definitions), which rows of ``tv_<entity>`` a change of one 
 
 The model.  Every reference to the table is an *occurrence*.  A condition that is an equality of
 key columns of two occurrences links them: ``a.pk = b.fk`` (a is b's parent), ``a.pk = b.pk``
-(the same row), ``a.fk = b.fk`` (siblings).  Column values are followed through subqueries,
-CTEs and views; a recursive CTE is followed to a fixpoint, so the occurrence in its recursive
-term ends up linked to itself.  The occurrence whose pk is the TVIEW's pk is the *root*: the
+(the same row), ``a.fk = b.fk`` (siblings) -- a constraint on the rows bound to the side the
+condition restricts (the query level binding it; not the preserved side of an outer join).
+Column values are followed through subqueries, CTEs and views; a recursive CTE is followed to a
+fixpoint, so the occurrence in its recursive term ends up linked to itself (a constraint with
+alternatives: the previous step's row was bound to this occurrence or to the CTE's start).  The occurrence whose pk is the TVIEW's pk is the *root*: the
 row itself.  Every other occurrence is reached from it by a word of steps U (to the parent) and
 D (to a child); a row has one parent, so D then U is no step at all and every word reduces to
 U^a D^b (up a levels, then down b).  A row r that reads row x by U^a D^b is reached from x by
@@ -22,7 +24,8 @@ key set, ``planner.SelfRule``).
 
 Which rows a TVIEW row reads cannot always be said this way: an occurrence joined by anything
 else (``p.name = n.parent_name``, an expression, a row comparison, a link table, no condition),
-links by more than one fk column, or a construct the walk does not follow.  Then
+links by more than one fk column, a window function, DISTINCT ON or LIMIT over the rows beside
+the row itself (one reference is enough for that), or a construct the walk does not follow.  Then
 ``problem`` says which, and the TVIEW is refreshed fully when the table changes (strategy
 ``full`` with a WARNING, as for other sources that cannot be mapped), never left stale.
 """
@@ -461,7 +464,9 @@ class _Analysis:
                 alts.append((j, step))
                 links |= {c for c in (a, b) if c != self.pk}
             if (i, "") not in alts:
-                found.append((i, tuple(alts)))
+                found.append((i, tuple(alts), False))
+        if len(found) == 2:  # each side bound given the other: one says what the other does
+            found = [(i, alts, True) for i, alts, _ in found]
         self.conds[key] = (frozenset(links), tuple(found))
 
     def step(self, a: str, b: str) -> str | None:
