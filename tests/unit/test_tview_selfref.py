@@ -76,6 +76,10 @@ def ref(sql: str) -> SelfReference | None:
      " ORDER BY c.name LIMIT 1) AS data FROM tb_node n", [(0, 1)]),
     ("SELECT n.pk_node, jsonb_agg(c.name) AS data FROM tb_node n LEFT JOIN tb_node c"
      " ON c.fk_node = n.pk_node GROUP BY n.pk_node", [(0, 1)]),
+    ("SELECT n.pk_node, c.k AS data FROM tb_node n LEFT JOIN (SELECT fk_node, count(*) AS k"
+     " FROM tb_node GROUP BY fk_node) c ON c.fk_node = n.pk_node", [(0, 1)]),
+    ("SELECT n.pk_node, x.name AS data FROM tb_node n, LATERAL (SELECT c.name FROM tb_node c"
+     " WHERE c.fk_node = n.pk_node ORDER BY c.name LIMIT 2) x", [(0, 1)]),
     # recursive: the ancestors (correlated, and as a CTE of the whole view), the subtree
     ("SELECT n.pk_node, (WITH RECURSIVE up(pk, fk, name) AS (SELECT a.pk_node, a.fk_node, a.name"
      " FROM tb_node a WHERE a.pk_node = n.pk_node UNION SELECT p.pk_node, p.fk_node, p.name"
@@ -149,6 +153,14 @@ def test_one_reference_is_not_self_referencing(sql: str) -> None:
      " ORDER BY n.fk_node, n.name", ["DISTINCT ON"]),
     ("SELECT n.pk_node, n.name AS data FROM tb_node n ORDER BY n.name LIMIT 10",
      ["LIMIT"]),
+    # rows chosen by the others before the join says which (LIMIT, a window, DISTINCT ON)
+    ("SELECT n.pk_node, c.name AS data FROM tb_node n LEFT JOIN (SELECT fk_node, name FROM"
+     " tb_node ORDER BY name LIMIT 5) c ON c.fk_node = n.pk_node",
+     ["LIMIT/OFFSET before c.fk_node = n.pk_node"]),
+    ("SELECT n.pk_node, '{}'::jsonb AS data FROM tb_node n WHERE n.pk_node IN"
+     " (SELECT fk_node FROM tb_node ORDER BY name LIMIT 5)", ["LIMIT/OFFSET"]),
+    ("SELECT n.pk_node, c.r AS data FROM tb_node n JOIN (SELECT fk_node, rank() OVER"
+     " (ORDER BY name) AS r FROM tb_node) c ON c.fk_node = n.pk_node", ["window function"]),
     # a recursion through a computed value cannot be followed
     ("SELECT n.pk_node, (WITH RECURSIVE up(pk, fk) AS (SELECT a.pk_node, a.fk_node FROM tb_node"
      " a WHERE a.pk_node = n.pk_node UNION SELECT p.pk_node, COALESCE(p.fk_node, 0) FROM up"

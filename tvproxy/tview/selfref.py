@@ -7,39 +7,33 @@ a ``WITH RECURSIVE`` walks.  :func:`self_reference` finds out, from the SELECT (
 expanded from their definitions), which rows of ``tv_<entity>`` a change of one row of
 ``tb_<entity>`` reaches.
 
-The model.  Every reference to the table is an *occurrence*.  A condition that is an equality of
-key columns of two occurrences links them: ``a.pk = b.fk`` (a is b's parent), ``a.pk = b.pk``
-(the same row), ``a.fk = b.fk`` (siblings) -- a constraint on the rows bound to the side the
-condition restricts (the query level binding it; not the preserved side of an outer join).
-Column values are followed through subqueries, CTEs and views; a recursive CTE is followed to a
-fixpoint, so the occurrence in its recursive term ends up linked to itself (a constraint with
-alternatives: the previous step's row was bound to this occurrence or to the CTE's start).  The occurrence whose pk is the TVIEW's pk is the *root*: the
-row itself.  Every other occurrence is reached from it by a word of steps U (to the parent) and
-D (to a child); a row has one parent, so D then U is no step at all and every word reduces to
-U^a D^b (up a levels, then down b).  A row r that reads row x by U^a D^b is reached from x by
-the reverse word, up b levels and then down a: the *term* (a, b), ``UNBOUNDED`` where a
-recursion has no bound.  The rows to refresh for written keys K are K and, per term, the rows
-at most a levels below the rows at most b levels above K (old and new parents: the planner's
-key set, ``planner.SelfRule``).
+The model.  Every reference to the table is an *occurrence*.  An equality of key columns of two
+occurrences links them: ``a.pk = b.fk`` (a is b's parent), ``a.pk = b.pk`` (the same row),
+``a.fk = b.fk`` (siblings): a constraint on the rows bound to the side it restricts (the query
+level binding it; not the preserved side of an outer join).  Values are followed through
+subqueries, CTEs and views; a recursive CTE to a fixpoint, so the occurrence in its recursive
+term is linked to itself.  The occurrence whose pk is the TVIEW's pk is the *root*, the row
+itself; tview/selfterms.py turns the constraints into terms (down, up): a change of a row
+reaches the rows at most ``down`` levels below the rows at most ``up`` levels above it
+(``UNBOUNDED`` for a recursion; the planner's key set, ``planner.SelfRule``).
 
-Which rows a TVIEW row reads cannot always be said this way: an occurrence joined by anything
-else (``p.name = n.parent_name``, an expression, a row comparison, a link table, no condition),
-links by more than one fk column, a window function, DISTINCT ON or LIMIT over the rows beside
-the row itself (one reference is enough for that), or a construct the walk does not follow.  Then
-``problem`` says which, and the TVIEW is refreshed fully when the table changes (strategy
-``full`` with a WARNING, as for other sources that cannot be mapped), never left stale.
+What cannot be said this way -- an occurrence joined by anything else (``p.name =
+n.parent_name``, an expression, a link table, no condition), two fk columns linking rows, a
+window function, DISTINCT ON or LIMIT choosing rows by the others (one reference is enough for
+that), a construct the walk does not follow -- is the ``problem``: the TVIEW is refreshed fully
+when the table changes (strategy ``full`` with a WARNING), never left stale.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import pglast
 from pglast import ast
-from pglast.enums import A_Expr_Kind, BoolExprType, JoinType, SetOperation, SubLinkType
-from pglast.stream import RawStream
+from pglast.enums import A_Expr_Kind, JoinType, SetOperation, SubLinkType
 
+from tvproxy.tview.astwalk import conjuncts, deparse, expr_nodes, sublinks, walk
 from tvproxy.tview.selfterms import UNBOUNDED, Constraint, terms_of
 
 Token = tuple[int, str]  # (occurrence, column of the table); column "#": computed from it
@@ -107,60 +101,6 @@ class _Val:
     direct: int | None = None
 
 
-def _children(node: object) -> Iterator[ast.Node]:
-    values = [getattr(node, name) for name in getattr(node, "__slots__", ())]
-    while values:
-        v = values.pop()
-        if isinstance(v, ast.Node):
-            yield v
-        elif isinstance(v, (tuple, list)):
-            values.extend(v)
-
-
-def _walk(node: ast.Node) -> Iterator[ast.Node]:
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        yield n
-        stack.extend(_children(n))
-
-
-def _expr_nodes(node: ast.Node) -> Iterator[ast.Node]:
-    """The nodes of an expression, not those inside its subqueries (SubLinks are yielded)."""
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        yield n
-        if isinstance(n, ast.SubLink):
-            if n.testexpr is not None:
-                stack.append(n.testexpr)
-            continue
-        if isinstance(n, (ast.SelectStmt, ast.RangeSubselect)):
-            continue
-        stack.extend(_children(n))
-
-
-def _sublinks(node: ast.Node | None) -> Iterator[ast.SubLink]:
-    """SubLinks of an expression, not those nested inside them."""
-    if node is not None:
-        yield from (n for n in _expr_nodes(node) if isinstance(n, ast.SubLink))
-
-
-def _conjuncts(node: ast.Node | None) -> list[ast.Node]:
-    if node is None:
-        return []
-    if isinstance(node, ast.BoolExpr) and node.boolop == BoolExprType.AND_EXPR:
-        return [c for a in node.args for c in _conjuncts(a)]
-    return [node]
-
-
-def _text(node: ast.Node) -> str:
-    try:
-        return str(RawStream()(node))
-    except Exception:  # noqa: BLE001 - only for a message
-        return type(node).__name__
-
-
 class _Analysis:
     def __init__(self, table: str, schema: str | None, pk: str,
                  columns: Mapping[str, Sequence[str]], views: Mapping[str, str]) -> None:
@@ -175,6 +115,10 @@ class _Analysis:
         self.sub_out: dict[int, Columns | None] = {}
         self.problems: list[str] = []
         self.across: dict[int, str] = {}  # occurrence -> what reads other rows beside it
+        self.stack: list[int] = []  # the SELECTs being walked (ids)
+        self.bound_in: dict[int, int] = {}  # occurrence -> the SELECT whose FROM binds it
+        self.cond_in: dict[int, int] = {}  # condition -> the SELECT it belongs to
+        self.picky: dict[int, str] = {}  # SELECTs choosing rows by the others (LIMIT, window)
 
     # -- relations ---------------------------------------------------------------------------
 
@@ -198,6 +142,7 @@ class _Analysis:
             return _Rel(cte.columns)
         if node.relname == self.table and node.schemaname in (None, self.schema):
             i = self.occ.setdefault(id(node), len(self.occ))
+            self.bound_in.setdefault(i, self.stack[-1])
             if i == len(self.names):
                 self.names.append(node.alias.aliasname if node.alias else node.relname)
             cols = self.columns.get(self.table, ())
@@ -221,7 +166,7 @@ class _Analysis:
             rel = _Rel(self.select(node.subquery, _Scope(outer, ctes=scope.ctes)))
             name = alias.aliasname if alias else "?subquery"
         else:  # functions, XMLTABLE, ...: their arguments may hold subqueries
-            for link in _sublinks(node):
+            for link in sublinks(node):
                 self.sublink(link, scope)
             names = [d.colname for d in getattr(node, "coldeflist", None) or ()]
             rel = _Rel([(n, frozenset()) for n in names] if names else None)
@@ -271,6 +216,13 @@ class _Analysis:
         if not isinstance(stmt, ast.SelectStmt):
             self.problems.append(f"{self.table} is read by a {type(stmt).__name__}")
             return None
+        self.stack.append(id(stmt))
+        try:
+            return self._select(stmt, outer)
+        finally:
+            self.stack.pop()
+
+    def _select(self, stmt: ast.SelectStmt, outer: _Scope | None) -> Columns | None:
         scope = _Scope(outer)
         if stmt.withClause is not None:
             self.with_clause(stmt.withClause, scope)
@@ -282,7 +234,7 @@ class _Analysis:
             return [(name, tokens | r) for (name, tokens), (_, r) in zip(left, right,
                                                                             strict=False)]
         for row in stmt.valuesLists or ():
-            for link in _sublinks(row):
+            for link in sublinks(row):
                 self.sublink(link, scope)
         for item in stmt.fromClause or ():
             self.from_item(item, scope)
@@ -291,10 +243,12 @@ class _Analysis:
         for clause in (stmt.groupClause, stmt.sortClause, stmt.windowClause,
                        stmt.distinctClause, stmt.limitCount, stmt.limitOffset):
             for node in clause if isinstance(clause, tuple) else (clause,):
-                for link in _sublinks(node):
+                for link in sublinks(node):
                     self.sublink(link, scope)
         out = self.targets(stmt, scope)
         across = _across_rows(stmt)
+        if across:
+            self.picky[id(stmt)] = across
         for _, tokens in out or ():
             for i, col in tokens:
                 if across and col == self.pk:
@@ -305,7 +259,7 @@ class _Analysis:
         out: Columns = []
         for target in stmt.targetList or ():
             val = target.val
-            for link in _sublinks(val):
+            for link in sublinks(val):
                 self.sublink(link, scope)
             if isinstance(val, ast.ColumnRef) and isinstance(val.fields[-1], ast.A_Star):
                 star = self.star(val, scope)
@@ -404,7 +358,7 @@ class _Analysis:
             return self.resolve(node, scope, constrained)
         tokens: set[Token] = set()
         local = False
-        for n in _expr_nodes(node):
+        for n in expr_nodes(node):
             if isinstance(n, ast.ColumnRef):
                 v = self.resolve(n, scope, constrained)
                 tokens |= {t if t == UNKNOWN else (t[0], _COMPUTED) for t in v.tokens}
@@ -417,22 +371,23 @@ class _Analysis:
 
     def conditions(self, expr: ast.Node | None, scope: _Scope,
                    constrained: frozenset[str] | None) -> None:
-        for cond in _conjuncts(expr):
-            for link in _sublinks(cond):
+        for cond in conjuncts(expr):
+            for link in sublinks(cond):
                 self.sublink(link, scope)
             if (isinstance(cond, ast.A_Expr) and cond.kind == A_Expr_Kind.AEXPR_OP
                     and cond.name[-1].sval == "="):
-                self.link(id(cond), _text(cond), self.value(cond.lexpr, scope, constrained),
+                self.link(id(cond), deparse(cond), self.value(cond.lexpr, scope, constrained),
                           self.value(cond.rexpr, scope, constrained))
             elif (isinstance(cond, ast.SubLink) and cond.subLinkType == SubLinkType.ANY_SUBLINK
                   and (not cond.operName or cond.operName[-1].sval == "=")):
                 out = self.sub_out.get(id(cond)) or [("?", frozenset({UNKNOWN}))]
-                self.link(id(cond), _text(cond), self.value(cond.testexpr, scope, constrained),
+                self.link(id(cond), deparse(cond), self.value(cond.testexpr, scope, constrained),
                           _Val(out[0][1], True) if len(out) == 1 else _Val(frozenset({UNKNOWN})))
             else:
-                self.mention(id(cond), _text(cond), self.value(cond, scope, constrained))
+                self.mention(id(cond), deparse(cond), self.value(cond, scope, constrained))
 
     def mention(self, key: int, text: str, *vals: _Val) -> None:
+        self.cond_in[key] = self.stack[-1]
         for v in vals:
             for i, _ in v.tokens:
                 if i >= 0:
@@ -482,7 +437,7 @@ class _Analysis:
     def count(self, node: ast.Node, seen: frozenset[str] = frozenset()) -> int:
         """References to the table anywhere in ``node``, through the views it reads."""
         n = 0
-        for sub in _walk(node):
+        for sub in walk(node):
             if not isinstance(sub, ast.RangeVar):
                 continue
             if sub.relname == self.table and sub.schemaname in (None, self.schema):
@@ -498,7 +453,7 @@ def _across_rows(stmt: ast.SelectStmt) -> str | None:
     """What makes a row of this SELECT depend on the other rows it reads beside it."""
     if stmt.windowClause or any(isinstance(n, ast.FuncCall) and n.over is not None
                                 for t in (*(stmt.targetList or ()), *(stmt.sortClause or ()))
-                                for n in _expr_nodes(t)):
+                                for n in expr_nodes(t)):
         return "a window function"
     if stmt.distinctClause and stmt.distinctClause != (None,):
         return "DISTINCT ON"
@@ -572,16 +527,24 @@ def _result(a: _Analysis, out: Columns | None, total: int, out_pk: str) -> SelfR
         return refuse(f"cannot tell which reference to {a.table} gives {out_pk}")
     found = [c for c in a.conds.values() if c is not None]
     links = sorted({col for cols, _ in found for col in cols})
+    # where a SELECT picks its rows by the others (LIMIT, a window), only its own conditions
+    # say which rows of it are read
+    constraints = [c for key, cond in a.conds.items() if cond is not None for c in cond[1]
+                   if a.bound_in.get(c[0]) not in a.picky or a.cond_in.get(key) == a.bound_in[c[0]]]
     if len(links) > 1:
         return refuse(f"rows of {a.table} are linked by more than one column "
                       f"({', '.join(links)})")
     how = next((a.across[r] for r in sorted(t[0] for t in pk_tokens) if r in a.across), None)
     if how is not None:
         return refuse(f"{a.table} is read with {how} over its other rows")
-    reached, terms = terms_of({t[0] for t in pk_tokens}, [c for _, cs in found for c in cs], n)
+    reached, terms = terms_of({t[0] for t in pk_tokens}, constraints, n)
     for i in range(n):
         if i not in reached:
             how = " AND ".join(sorted(a.mentions.get(i, ()))) or "no condition"
-            return refuse(f"{a.table} {a.names[i]} is joined to the row by {how}, not by an "
-                          f"equality of {a.pk} with an fk_ column of {a.table}")
+            name = a.table if a.names[i] == a.table else f"{a.table} {a.names[i]}"
+            picky = a.picky.get(a.bound_in.get(i, -1))
+            if picky is not None:
+                return refuse(f"{name} is read with {picky} before {how} says which rows")
+            return refuse(f"{name} is joined to the row by {how}, not by an equality of "
+                          f"{a.pk} with an fk_ column of {a.table}")
     return SelfReference(a.table, n, links[0] if links else None, terms)
