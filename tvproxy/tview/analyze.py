@@ -18,6 +18,8 @@ from pglast import ast
 from pglast.enums import DropBehavior, ObjectType
 from pglast.stream import RawStream
 
+from tvproxy.tview.selfref import SelfReference
+
 PREFIX = "tv_"
 
 
@@ -142,6 +144,9 @@ class KeyMapping:
     rules: tuple[SourceRule, ...]
     strategy: str  # incremental | full
     warnings: tuple[str, ...]
+    # a view reading other rows of its own base table: {"link": fk column, "terms": [[down,
+    # up], ...]} (tview/selfref.py; planner.SelfRule at run time)
+    tree: dict[str, object] | None = None
 
 
 def base_entity(table: str) -> str | None:
@@ -153,6 +158,7 @@ def key_mapping(
     tv_columns: Sequence[str],
     base_sources: Mapping[str, Sequence[str]],
     covered_by: Mapping[str, frozenset[str]],
+    self_ref: SelfReference | None = None,
 ) -> KeyMapping:
     """How a write to each base table a TVIEW reads maps to rows of ``tv_<entity>``.
 
@@ -161,6 +167,10 @@ def key_mapping(
     table), the base tables that TVIEW already maps, so their writes reach this one transitively.
     A table none of the rules maps makes the TVIEW ``full`` (diff refresh when it is touched),
     with a warning naming it, never silent staleness.
+
+    ``self_ref``: how the view reads its own base table when it reads it more than once
+    (tview/selfref.py): the propagation between its rows, or, when it cannot be said, the
+    table is not mapped (full, with the problem in the warning).
     """
     tv_fks = {c for c in tv_columns if c.startswith("fk_")}
     rules: list[SourceRule] = []
@@ -168,7 +178,11 @@ def key_mapping(
     for table in sorted(base_sources):
         b = base_entity(table)
         columns = set(base_sources[table])
-        if b == entity:
+        if b == entity and self_ref is not None and self_ref.problem:
+            warnings.append(
+                f"TVIEW tv_{entity} (view v_{entity}) reads other rows of {table}: "
+                f"{self_ref.problem}; it is refreshed fully when {table} changes")
+        elif b == entity:
             rules.append(SourceRule(table, b, "self", None))
         elif b is not None and f"fk_{b}" in tv_fks:
             rules.append(SourceRule(table, b, "embedding", f"fk_{b}"))
@@ -184,4 +198,8 @@ def key_mapping(
                     f"TVIEW tv_{entity}: writes to {table} cannot be mapped to rows "
                     f"(no fk_{b or table} column on tv_{entity}, no fk_{entity} column on "
                     f"{table}); it is refreshed fully when {table} changes")
-    return KeyMapping(tuple(rules), "full" if warnings else "incremental", tuple(warnings))
+    tree: dict[str, object] | None = None
+    if self_ref is not None and not self_ref.problem and self_ref.terms and self_ref.link:
+        tree = {"link": self_ref.link, "terms": [list(t) for t in self_ref.terms]}
+    return KeyMapping(tuple(rules), "full" if warnings else "incremental", tuple(warnings),
+                      tree)

@@ -124,6 +124,22 @@ async def ensure_catalog(conn: Any, schema: str, lock_namespace: int) -> None:
                 raise
 
 
+GUARD = "raise_error"  # (sqlstate text, message text) -> boolean: raises that error
+
+
+async def ensure_guard(conn: Any, schema: str) -> str:
+    """The catalog's function raising an error from inside a statement (a self-referencing
+    TVIEW's refresh fails with 54001 beyond max_propagation_depth), created when missing (in
+    the caller's transaction, which holds the catalog generation lock); its qualified name."""
+    name = f"{quote_ident(schema)}.{quote_ident(GUARD)}"
+    if await conn.fetchval("SELECT to_regprocedure($1) IS NULL", f"{name}(text, text)"):
+        await conn.execute(
+            f"CREATE FUNCTION {name}(code text, msg text) RETURNS boolean LANGUAGE plpgsql"
+            f" VOLATILE AS $fn$BEGIN RAISE EXCEPTION USING ERRCODE = code, MESSAGE = msg;"
+            f" END$fn$")
+    return name
+
+
 async def load_catalog(conn: Any, schema: str) -> list[CatalogEntry]:
     """Every TVIEW of the database ([] when the catalog does not exist yet)."""
     exists = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", f"{quote_ident(schema)}.tview")

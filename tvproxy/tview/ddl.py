@@ -33,9 +33,11 @@ from tvproxy.tview.analyze import (
 from tvproxy.tview.analyze import quote_ident as q
 from tvproxy.tview.catalog import (
     CatalogEntry,
+    ViewSource,
     bump_generation,
     delete_entry,
     ensure_catalog,
+    ensure_guard,
     load_catalog,
     read_generation,
     save_entry,
@@ -44,6 +46,7 @@ from tvproxy.tview.catalog import (
 )
 from tvproxy.tview.model import BaseTable, RuntimeCatalog, build_runtime
 from tvproxy.tview.opaque import OpaqueFacts
+from tvproxy.tview.selfref import SelfReference, self_reference
 
 DEFAULT_SCHEMA = "tvproxy"
 DEFAULT_LOCK_NAMESPACE = 0x7476
@@ -154,7 +157,12 @@ async def create_tview(conn: Any, ddl: str | CreateTview, schema: str = DEFAULT_
                 conn, f"{q(src.schema)}.{q(src.name)}")]
         covered = {d: frozenset(r["table"] for r in catalog[d].key_mapping.get("rules", ()))
                    | frozenset(catalog[d].key_mapping.get("unmapped", ())) for d in depends}
-        mapping = key_mapping(stmt.entity, [n for n, _ in cols], base_sources, covered)
+        self_ref = await _self_reference(conn, stmt, tvcols.pk, sources, base_sources)
+        mapping = key_mapping(stmt.entity, [n for n, _ in cols], base_sources, covered,
+                              self_ref)
+        tree = dict(mapping.tree) if mapping.tree is not None else None
+        if tree is not None:
+            tree["guard"] = await ensure_guard(conn, schema)
         mapped = {r.table for r in mapping.rules}
         await conn.execute(f"CREATE TABLE {table} AS SELECT * FROM {view} WITH NO DATA")
         await conn.execute(f"ALTER TABLE {table} ADD PRIMARY KEY ({q(tvcols.pk)})")
@@ -169,13 +177,35 @@ async def create_tview(conn: Any, ddl: str | CreateTview, schema: str = DEFAULT_
             {"schema": rel_schema, "columns": [n for n, _ in cols],
              "rules": [{"table": r.table, "entity": r.entity, "rule": r.rule,
                         "column": r.column, "via": r.via} for r in mapping.rules],
-             "unmapped": sorted(set(base_sources) - mapped)},
+             "unmapped": sorted(set(base_sources) - mapped),
+             **({"tree": tree} if tree is not None else {})},
             mapping.strategy)
         await save_entry(conn, schema, entry)
     warnings = tuple(mapping.warnings)
     if own:
         warnings += await sync_catalog(conn, schema, lock_namespace, [stmt.entity], sync_timeout)
     return CreateResult(stmt.entity, rows, mapping.strategy, warnings)
+
+
+async def _self_reference(conn: Any, stmt: CreateTview, out_pk: str,
+                          sources: list[ViewSource],
+                          base_sources: dict[str, list[str]]) -> SelfReference | None:
+    """How the new TVIEW's SELECT reads its own base table (through the views it reads, from
+    their definitions), when it reads it at all."""
+    table = f"tb_{stmt.entity}"
+    own = next((s for s in sources if s.kind == "table" and s.name == table), None)
+    if own is None or table not in base_sources:
+        return None
+    base = await _base_table(conn, own.schema, own.name)
+    views: dict[str, str] = {}
+    for src in sources:
+        if src.kind == "view":
+            sql = await conn.fetchval("SELECT pg_get_viewdef($1::regclass)",
+                                      f"{q(src.schema)}.{q(src.name)}")
+            views.setdefault(src.name, sql)
+            views[f"{src.schema}.{src.name}"] = sql
+    return self_reference(stmt.select_sql, table, base.pk if base else f"pk_{stmt.entity}",
+                          out_pk, base_sources, views, own.schema)
 
 
 async def drop_tviews(conn: Any, ddl: str | DropTviews, schema: str = DEFAULT_SCHEMA,

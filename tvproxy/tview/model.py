@@ -11,13 +11,14 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from tvproxy.tview.analyze import quote_ident as q
 from tvproxy.tview.analyze import refresh_order
 from tvproxy.tview.capture import TrackedTable
 from tvproxy.tview.catalog import CatalogEntry
 from tvproxy.tview.opaque import OpaqueFacts, function_pattern
-from tvproxy.tview.planner import TviewSpec
+from tvproxy.tview.planner import SelfRule, TviewSpec
 
 
 @dataclass(frozen=True)
@@ -137,8 +138,10 @@ def build_runtime(entries: Sequence[CatalogEntry], tables: Mapping[str, BaseTabl
                 cat.fk_sources[(entry.entity, fk)] = (
                     f"SELECT {q(fk)} FROM {q(own.schema)}.{q(own.name)} WHERE {q(own.pk)} IN "
                     f"({{keys}})")
+        tree = _self_rule(cat, entry, own, mapping.get("tree"))
         spec = TviewSpec(entry.entity, entry.table_name, entry.view_name, entry.pk_column,
-                         entry.pk_type, columns, tuple(embeds), mapping.get("schema", schema))
+                         entry.pk_type, columns, tuple(embeds), mapping.get("schema", schema),
+                         tree)
         cat.specs[entry.entity] = spec
         cat.key_types[entry.entity] = entry.pk_type
         tv = f"{q(spec.schema)}.{q(spec.table)}"
@@ -149,3 +152,35 @@ def build_runtime(entries: Sequence[CatalogEntry], tables: Mapping[str, BaseTabl
     cat.tracked = tuple(tracked.values())
     cat.table_names = frozenset(tracked)
     return cat
+
+
+def _self_rule(cat: RuntimeCatalog, entry: CatalogEntry, own: BaseTable | None,
+               tree: Mapping[str, Any] | None) -> SelfRule | None:
+    """The propagation between rows of a self-referencing TVIEW (tview/selfref.py).  Where it
+    goes up to parents, the old parents of a row whose fk changes count as touched keys, got
+    the way aggregated children give theirs (pre-image, or RETURNING old.* on PostgreSQL 18)."""
+    if not tree or own is None:
+        return None
+    link = str(tree["link"])
+    terms = tuple((int(t[0]), int(t[1])) for t in tree["terms"])
+    e = entry.entity
+    parents = None
+    if link not in own.columns:  # the table changed since: nothing to follow the rows by
+        cat.full_on.setdefault(e, []).append(e)
+        return None
+    if any(up for _, up in terms):
+        parents = old_parents(e)  # keys of the pseudo-entity: the old parents of written rows
+        cat.key_types[parents] = own.pk_type
+        cat.aggregated_into.setdefault(e, []).append(parents)
+        cat.aggregations[e] = (*cat.aggregations.get(e, ()), (parents, link))
+        cat.preimage.setdefault(e, []).append(
+            (parents, f"SELECT {q(link)}::text FROM {q(own.schema)}.{q(own.name)} WHERE "
+                      f"{q(own.pk)} = ANY($1::{own.pk_type}[])"))
+    return SelfRule(own.schema, own.name, own.pk, link, terms,
+                    str(tree.get("guard", SelfRule.guard)), parents)
+
+
+def old_parents(entity: str) -> str:
+    """The pseudo-entity whose keys are the old parents of the rows of a self-referencing
+    TVIEW's base table the transaction wrote (no TVIEW has that name: it has a space)."""
+    return f"{entity} (old parents)"

@@ -11,16 +11,19 @@ them once per server and PostgreSQL runs them from a generic plan:
 1. *gate*: transaction-scoped advisory locks, in one global order (entity rank, key):
    exclusive on every TVIEW key the transaction rewrites that is known before anything is read
    (the keys it names, parents of aggregated children it wrote), shared on the parents those
-   rows read (their new state, transitively).  Two transactions wait for each other only where
-   one rewrites a row the other rewrites or reads: two inserts of children under one parent do
-   not wait, a rename of the parent and an insert under it do.  Left out when no locked row
-   reads or is read by another TVIEW (a TVIEW fed only by its own base rows, which the
-   transaction holds row locks on already).
+   rows read (their new state, transitively; in a self-referencing TVIEW, the ancestors whose
+   rows below they read: ``SelfRule.reads_up``).  Two transactions wait for each other only
+   where one rewrites a row the other rewrites or reads: two inserts of children under one
+   parent do not wait, a rename of the parent and an insert under it do.  Left out when no
+   locked row reads or is read by another TVIEW (a TVIEW fed only by its own base rows, which
+   the transaction holds row locks on already).
 2. *expand*: exclusive locks on the rows that embed a rewritten parent (``tv_e`` rows whose
-   ``fk_`` column names it, transitively), computed after the gate, so a parent's children are
-   found once whoever inserts under it has committed.  Only when some parent is embedded.
+   ``fk_`` column names it, transitively; in a self-referencing TVIEW, the rows of it the keys
+   reach through its own fk), computed after the gate, so a parent's children are found once
+   whoever inserts under it has committed.  Only when some parent is embedded.
 3. *refresh*: one statement per TVIEW, dependencies first: its key set (named keys, the
-   current parents of aggregated children, the rows embedding a refreshed parent), the
+   current parents of aggregated children, the rows embedding a refreshed parent, then in a
+   self-referencing TVIEW the rows those reach through its own fk: ``SelfRule``), the
    recomputed ``v_e`` rows for those keys, upserts of rows that changed (``IS DISTINCT FROM``),
    deletes of rows that vanished.  Its snapshot is taken after every lock was granted, so under
    READ COMMITTED it sees everything committed before.
@@ -40,11 +43,47 @@ from dataclasses import dataclass, field
 
 from tvproxy.tview.analyze import TviewError
 from tvproxy.tview.analyze import quote_ident as q
+from tvproxy.tview.selfterms import UNBOUNDED
 
 MODE_SQL = ("SELECT set_config('tvproxy.plan_cache_mode', current_setting('plan_cache_mode'),"
             " true), set_config('plan_cache_mode', 'force_generic_plan', true)")
 RESTORE_SQL = ("SELECT set_config('plan_cache_mode', current_setting('tvproxy.plan_cache_mode'),"
                " true)")
+
+
+@dataclass(frozen=True)
+class SelfRule:
+    """A TVIEW that reads other rows of its own base table (tview/selfref.py): the rows to
+    refresh for keys K are K and, per term ``(down, up)``, the rows at most ``down`` levels
+    below the rows at most ``up`` levels above K, parents by ``link`` in the base table's new
+    state.  A row's old parent (before the transaction moved or deleted it) comes as a key of
+    the pseudo-entity ``parents`` (pre-images, RETURNING): the walk of a term with ``up`` goes
+    on from there one level less.  ``UNBOUNDED`` walks to the end, at most
+    ``max_propagation_depth`` levels: beyond, ``guard`` (a function of the catalog schema)
+    raises 54001 and the COMMIT fails.  A data cycle ends the walk where it meets keys it has
+    reached already."""
+
+    schema: str
+    table: str
+    pk: str
+    link: str  # the fk_ column of the base table naming a row's parent
+    terms: tuple[tuple[int, int], ...]
+    guard: str = '"tvproxy".raise_error'
+    parents: str | None = None  # pseudo-entity: old parents of the rows written
+
+    @property
+    def reads_up(self) -> int:
+        """Levels of ancestors whose shared locks a written row takes: a writer of a row finds
+        the rows below it (``down`` of a term) only once their writers have committed, so the
+        row it would miss waits for it there; the writer's own key set holds those ancestors
+        (``up`` levels above its row, then down from them, level 0 included)."""
+        downs = [t[0] for t in self.terms]
+        return UNBOUNDED if UNBOUNDED in downs else max(downs, default=0)
+
+    @property
+    def bounded_depth(self) -> int:
+        """The most levels a bounded term propagates."""
+        return max((t[0] + t[1] for t in self.terms if UNBOUNDED not in t), default=0)
 
 
 @dataclass(frozen=True)
@@ -57,6 +96,7 @@ class TviewSpec:
     columns: tuple[str, ...]  # the view's output columns, in order (pk first among pk_*)
     embeds: tuple[tuple[str, str], ...] = ()  # (fk column of tv_e, parent entity)
     schema: str = "public"
+    tree: SelfRule | None = None  # it reads other rows of its own base table
 
 
 @dataclass(frozen=True)
@@ -96,6 +136,12 @@ def affected(specs: Mapping[str, TviewSpec], touched: Collection[str],
         for e in nxt:
             depth[e] = level
         frontier = nxt
+    for e in depth:  # inside a self-referencing TVIEW, a bounded term's levels count too
+        tree = specs[e].tree
+        if tree is not None and tree.bounded_depth > max_depth:
+            raise TviewError("54001", f"TVIEW {specs[e].table}: propagation through "
+                                      f"{tree.table}.{tree.link} ({tree.bounded_depth} levels)"
+                                      f" exceeds max_propagation_depth ({max_depth})")
     return depth
 
 
@@ -178,29 +224,42 @@ class _Builder:
                  shape: Mapping[str, _Touch], key_types: Mapping[str, str], lock_namespace: int,
                  reach: Mapping[str, int], all_keys: Mapping[str, str],
                  derived: Mapping[str, Sequence[tuple[str, str]]],
-                 fk_sources: Mapping[tuple[str, str], str]) -> None:
+                 fk_sources: Mapping[tuple[str, str], str], max_depth: int = 100) -> None:
         self.specs, self.shape, self.types = specs, shape, key_types
         self.ns = int(lock_namespace)
         self.reach, self.all_keys, self.derived, self.fk_sources = reach, all_keys, derived, \
             fk_sources
         self.rank = {e: i for i, e in enumerate(order)}
+        self.max_depth = max_depth
 
     # -- key sets ---------------------------------------------------------------------------
 
     def direct(self, p: _Params, e: str, seen: tuple[str, ...], expand: bool) -> list[str]:
         """SELECTs of the keys of ``e`` the transaction names or fully refreshes, and of the
         parents of aggregated children it wrote."""
+        return self._everything(e) + self._named(p, e, seen, expand)
+
+    def _everything(self, e: str) -> list[str]:
+        """Every key of ``e`` (refreshed fully), or every key when an opaque write happened.
+        Old parents that are not known (a self-referencing TVIEW) count the same."""
+        if e not in self.all_keys:
+            return []
+        for t in (self.shape.get(e), self._old_touch(e)):
+            if t is None:
+                continue
+            if t.every:
+                return [self.all_keys[e]]
+            if t.conditions:
+                return [f"SELECT * FROM ({self.all_keys[e]}) a WHERE "
+                        f"{' OR '.join(t.conditions)}"]
+        return []
+
+    def _named(self, p: _Params, e: str, seen: tuple[str, ...], expand: bool) -> list[str]:
+        """The keys of ``e`` the transaction names, and the parents of aggregated children."""
         parts = []
         t = self.shape.get(e)
-        if t is not None:
-            if t.every and e in self.all_keys:
-                parts.append(self.all_keys[e])
-            else:
-                if t.conditions and e in self.all_keys:
-                    parts.append(f"SELECT * FROM ({self.all_keys[e]}) a WHERE "
-                                 f"{' OR '.join(t.conditions)}")
-                if t.named:
-                    parts.append(f"SELECT unnest({p.array(e)})")
+        if t is not None and t.named and not (t.every and e in self.all_keys):
+            parts.append(f"SELECT unnest({p.array(e)})")
         for child, template in self.derived.get(e, ()):
             if child in self.shape and child not in seen:
                 inner = self.keys(p, child, (*seen, e), expand)
@@ -224,17 +283,60 @@ class _Builder:
         return parts
 
     def keys(self, p: _Params, e: str, seen: tuple[str, ...], expand: bool) -> str | None:
-        parts = self.direct(p, e, seen, expand)
+        every = self._everything(e)
+        parts = self._named(p, e, seen, expand)
         if expand:
             parts += self.expansions(p, e, seen)
+            if parts and self._grows(e):
+                spec = self.specs[e]
+                old = self._old_parents(p, e)
+                parts = [self_keys(spec, " UNION ".join(parts), old, self.max_depth)]
+        parts = every + parts
         return " UNION ".join(parts) if parts else None
+
+    def _grows(self, e: str) -> bool:
+        """Whether the keys of ``e`` reach other rows of it (a self-referencing TVIEW that is
+        not refreshed whole anyway)."""
+        spec = self.specs.get(e)
+        return (spec is not None and spec.tree is not None and bool(spec.tree.terms)
+                and not any(self.all_keys[e] == part for part in self._everything(e)))
+
+    def _old_touch(self, e: str) -> _Touch | None:
+        """The touched old parents of the rows of a self-referencing ``e`` (a pseudo-entity)."""
+        spec = self.specs.get(e)
+        old = spec.tree.parents if spec is not None and spec.tree is not None else None
+        return self.shape.get(old) if old is not None else None
+
+    def _old_parents(self, p: _Params, e: str) -> str | None:
+        """SELECT of the old parents of the rows of ``e`` the transaction wrote."""
+        t = self._old_touch(e)
+        tree = self.specs[e].tree
+        if t is None or not t.named or tree is None or tree.parents is None:
+            return None
+        return f"SELECT unnest({p.array(tree.parents)})"
 
     def has_expansion(self, e: str, seen: tuple[str, ...] = ()) -> bool:
         if self.expansions(_Params(self.types), e, seen):
             return True
+        if self._grows(e) and self._named(_Params(self.types), e, seen, True):
+            return True
+        old = self._old_touch(e)
+        if old is not None and (old.every or old.conditions):
+            return True  # old parents unknown: every row, not only the keys named
         return any(child in self.shape and child not in seen
                    and self.has_expansion(child, (*seen, e))
                    for child, _ in self.derived.get(e, ()))
+
+    def tree_reads(self, p: _Params, e: str) -> list[tuple[str, str, bool]]:
+        """Shared locks on the ancestors the rows of a self-referencing TVIEW read, for the
+        keys known before anything is read (the gate)."""
+        spec = self.specs[e]
+        levels = spec.tree.reads_up if spec.tree is not None and self._grows(e) else 0
+        parts = self._named(p, e, (), False) if levels else []
+        if not parts:
+            return []
+        bound = self.max_depth if levels == UNBOUNDED else levels
+        return [(e, walk_keys(spec, " UNION ".join(parts), bound, False), False)]
 
     # -- statements -------------------------------------------------------------------------
 
@@ -284,11 +386,13 @@ class _Builder:
             sql = " UNION ".join(parts)
             rows.append((e, sql, True))
             up(e, sql, (e,))
+            reads = self.tree_reads(p, e)
+            rows += reads
             t = self.shape.get(e)
             spec = self.specs[e]
             # a TVIEW fed only by its own base rows (row-locked by the writes) needs no gate
             if (spec.embeds or self.derived.get(e) or e in embedded or t is None
-                    or t.every or t.conditions):
+                    or t.every or t.conditions or reads):
                 needed = True
         if not rows or not needed:
             return None
@@ -349,6 +453,63 @@ class _Builder:
         return sql, p
 
 
+def walk_keys(spec: TviewSpec, inner: str, levels: int, down: bool,
+              guard_depth: int | None = None) -> str:
+    """SELECT of the keys of ``inner`` and of the rows of ``spec``'s base table at most
+    ``levels`` below (``down``) or above them, through its self-referencing fk.
+
+    A recursive CTE, UNION so that a key met again at the same level ends that branch (a data
+    cycle goes on only until ``levels``).  ``guard_depth``: the walk is unbounded; a key first
+    met beyond that depth raises 54001 (through the rule's guard function)."""
+    rule = spec.tree
+    assert rule is not None
+    t = spec.pk_type
+    tb, pk, fk = f"{q(rule.schema)}.{q(rule.table)}", q(rule.pk), q(rule.link)
+    if down:
+        step = f"SELECT tn.{pk}::{t}, w.n + 1 FROM w JOIN {tb} tn ON tn.{fk} = w.k"
+    else:
+        step = f"SELECT tn.{fk}::{t}, w.n + 1 FROM w JOIN {tb} tn ON tn.{pk} = w.k"
+    limit = f"w.n < {int(levels)}" if guard_depth is None else f"w.n <= {int(guard_depth)}"
+    step += f" AND {limit}" + ("" if down else f" WHERE tn.{fk} IS NOT NULL")
+    walk = (f"WITH RECURSIVE w(k, n) AS (SELECT s.k::{t}, 0 FROM ({inner}) s(k)"
+            f" WHERE s.k IS NOT NULL UNION {step})")
+    if guard_depth is None:
+        return f"SELECT d.k FROM ({walk} SELECT k FROM w) d(k)"
+    message = (f"TVIEW {spec.table}: propagation through {rule.table}.{rule.link} exceeds "
+               f"max_propagation_depth ({int(guard_depth)})")
+    literal = "'" + message.replace("'", "''") + "'"
+    return (f"SELECT d.k FROM ({walk} SELECT k, min(n) FROM w GROUP BY k) d(k, n) WHERE CASE"
+            f" WHEN d.n > {int(guard_depth)} THEN {rule.guard}('54001', {literal}) ELSE true END")
+
+
+def self_keys(spec: TviewSpec, inner: str, old: str | None, max_depth: int) -> str:
+    """SELECT of the keys of ``inner`` and the rows of ``spec`` they reach through its own base
+    table (its SelfRule's terms: up, then down); ``old``: a SELECT of the old parents of the
+    rows written, one level up from them already."""
+    rule = spec.tree
+    assert rule is not None
+    walks = [(inner, "sk", down, up) for down, up in rule.terms]
+    if old is not None:
+        walks += [(old, "so", down, up if up == UNBOUNDED else up - 1)
+                  for down, up in rule.terms if up]
+    shared = len(walks) > 1
+    parts = []
+    for source, name, down, up in walks:
+        sql = f"SELECT k FROM {name}" if shared else source
+        for levels, is_down in ((up, False), (down, True)):
+            if levels == UNBOUNDED:
+                sql = walk_keys(spec, sql, max_depth, is_down, max_depth)
+            elif levels:
+                sql = walk_keys(spec, sql, levels, is_down)
+        parts.append(sql)
+    if not shared:
+        return parts[0]
+    ctes = [f"sk(k) AS MATERIALIZED ({inner})"]
+    if old is not None:
+        ctes.append(f"so(k) AS MATERIALIZED ({old})")
+    return f"SELECT z.k FROM (WITH {', '.join(ctes)} {' UNION '.join(parts)}) z(k)"
+
+
 def plan_refresh(
     specs: Mapping[str, TviewSpec],
     order: Sequence[str],
@@ -407,7 +568,7 @@ def _template(specs: Mapping[str, TviewSpec], order: Sequence[str],
     if not entities:
         return None
     b = _Builder(specs, order, shape, key_types, lock_namespace, reach, all_keys, derived,
-                 fk_sources)
+                 fk_sources, max_depth)
     statements: list[str] = [MODE_SQL]
     slots: list[tuple[str, ...]] = [()]
     for part in (b.gate(entities), b.expand(entities)):
