@@ -74,6 +74,16 @@ def test_texts_differing_in_literals_share_one_parse() -> None:
     assert a.parses == 2  # the string-key shape is another normalised text... once
 
 
+def test_a_parameter_text_first_does_not_hide_the_literals_of_its_shape() -> None:
+    a = analyzer()  # pgbench -M extended, then -M simple, on one proxy
+    st = a.analyze("UPDATE tb_post SET title = $1 WHERE pk_post = $2")
+    assert st.writes[0].keys == (KeyRef(param=2),)
+    st = a.analyze("UPDATE tb_post SET title = 'x' WHERE pk_post = 7")
+    assert st.writes[0].keys == (KeyRef(value=7),)
+    st = a.analyze("UPDATE tb_post SET title = $1 WHERE pk_post = $2")
+    assert st.writes[0].keys == (KeyRef(param=2),)
+
+
 def test_keys_from_literals_params_and_returning() -> None:
     a = analyzer()
     st = a.analyze("DELETE FROM tb_post WHERE pk_post IN (1, -2, $1)")

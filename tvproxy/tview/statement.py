@@ -239,7 +239,10 @@ class Analyzer:
         if entry is _MISSING:
             spans = literal_spans(sql, shape)
             entry = self._shape(shape, spans) if spans is not None else None
-            _put(self._shapes, shape, entry)
+            if shape != sql or entry is None:
+                # a text without literals (its $n are parameters) says nothing of where the
+                # literals of the texts sharing its shape are: only it is cached (below)
+                _put(self._shapes, shape, entry)
         if entry is None:
             return self._parse_exact(sql)
         assert isinstance(entry, _Shape)
