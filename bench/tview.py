@@ -1417,6 +1417,29 @@ def _check(v: float, op: str, bound: float) -> bool:
     return v >= bound if op == ">=" else v <= bound
 
 
+def ceiling(cell: dict[str, Any]) -> float | None:
+    """What the cell's headline ratio could reach if the TVIEW engine cost the proxy nothing and
+    the refresh cost PostgreSQL what the per-row triggers' refresh costs it (TPS medians of
+    the same cell; a TPS stands for 1 / the machine's cost of one transaction):
+
+    - on ÷ off (write-txn, autocommit, hot-insert): the refresh's cost in the database, 1/triggers
+      - 1/direct, added to tvproxy-off's whole cost: (1/off) / (1/off + 1/triggers - 1/direct);
+    - TVIEWs ÷ triggers (same-row-x*, bulk-1000): a refresh that costs nothing still goes
+      through the proxy: tvproxy-off ÷ triggers.
+    None when a target it needs was not run."""
+    tps = cell["median_tps"]
+    num, den, _ = HEADLINE.get(cell["workload"], ("", "", ""))
+    if (num, den) == ("tvproxy-on", "tvproxy-off"):
+        off, trig, direct = tps.get("tvproxy-off"), tps.get("triggers"), tps.get("direct")
+        if not (off and trig and direct):
+            return None
+        return (1 / off) / (1 / off + max(1 / trig - 1 / direct, 0.0))
+    if (num, den) == ("tvproxy-on", "triggers"):
+        off, trig = tps.get("tvproxy-off"), tps.get("triggers")
+        return off / trig if off and trig else None
+    return None
+
+
 def targets_table(cells: list[dict[str, Any]], settings: dict[str, Any]) -> list[dict[str, Any]]:
     """DESIGN.md's benchmark targets, each with its measured ratios (per query mode / client
     count) and a verdict: met when every cell of the workload meets every bound (and the modes
@@ -1473,6 +1496,7 @@ def targets_table(cells: list[dict[str, Any]], settings: dict[str, Any]) -> list
                     f"{_cell_key(c)}: {st['refresh_statements_per_commit']:.2f}"
                     + (f" ({per})" if per else "")
                 )
+        ceilings = [(c, ceiling(c)) for c in wc]
         rows.append(
             {
                 "what": what,
@@ -1480,6 +1504,8 @@ def targets_table(cells: list[dict[str, Any]], settings: dict[str, Any]) -> list
                 "measure": measure,
                 "target": target,
                 "measured": "; ".join(measured) if wc else "—",
+                "ceiling": ", ".join(f"{_cell_key(c)}: {_fmt_ratio(v)}" for c, v in ceilings
+                                     if v is not None) or "—",
                 "verdict": verdict,
                 "refresh_statements_per_commit": "; ".join(notes),
             }
@@ -1527,15 +1553,20 @@ def render_md(report: dict[str, Any]) -> str:
         "Ratios of the median TPS (the scale check: of the median latency), per query mode / "
         "client count. Met = every measured cell meets the bound and the tv_ tables were fresh "
         "after it. Refresh statements per commit from tvproxy-on's `SHOW TVIEW STATS` (the "
-        "target is one per TVIEW the commit touched).",
+        "target is one per TVIEW the commit touched). Ceiling: what the ratio could be if the "
+        "engine cost the proxy nothing and a refresh cost PostgreSQL what the per-row "
+        "triggers' refresh costs it (on ÷ off: (1/off) / (1/off + 1/triggers − 1/direct); "
+        "÷ triggers: tvproxy-off ÷ triggers, i.e. the proxy hop alone).",
         "",
-        "| workload | ratio | target | measured | verdict | tvproxy-on refresh stmts/commit |",
-        "|---|---|---|---|---|---|",
+        "| workload | ratio | target | measured | ceiling | verdict |"
+        " tvproxy-on refresh stmts/commit |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in report.get("targets") or targets_table(cells, s):
         lines.append(
             f"| {r['what']} (`{r['workload']}`) | {r['measure']} | {r['target']} | "
-            f"{r['measured']} | {r['verdict']} | {r['refresh_statements_per_commit'] or '—'} |"
+            f"{r['measured']} | {r.get('ceiling', '—')} | {r['verdict']} | "
+            f"{r['refresh_statements_per_commit'] or '—'} |"
         )
     lines += [
         "",
@@ -1897,21 +1928,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--targets",
         type=_choice_list(TVIEW_TARGETS),
-        default=["direct", "pgbouncer", "tvproxy-off", "tvproxy-on"],
-        help="targets of workloads write-txn and autocommit "
-        "(default direct,pgbouncer,tvproxy-off,tvproxy-on; triggers, stmt-triggers possible)",
+        default=["direct", "pgbouncer", "tvproxy-off", "tvproxy-on", "triggers"],
+        help="targets of workloads write-txn and autocommit (default direct,pgbouncer,"
+        "tvproxy-off,tvproxy-on,triggers: triggers and direct give the ceiling; stmt-triggers "
+        "possible)",
     )
     p.add_argument(
         "--b-targets",
         type=_choice_list(TVIEW_TARGETS),
-        default=["tvproxy-on", "triggers"],
-        help="targets of same-row-x10 and same-row-x100 (default tvproxy-on,triggers)",
+        default=["tvproxy-on", "triggers", "tvproxy-off"],
+        help="targets of same-row-x10 and same-row-x100 (default tvproxy-on,triggers,"
+        "tvproxy-off: tvproxy-off gives the ceiling)",
     )
     p.add_argument(
         "--bulk-targets",
         type=_choice_list(TVIEW_TARGETS),
-        default=["tvproxy-on", "triggers", "stmt-triggers"],
-        help="targets of bulk-1000 (default tvproxy-on,triggers,stmt-triggers)",
+        default=["tvproxy-on", "triggers", "stmt-triggers", "tvproxy-off"],
+        help="targets of bulk-1000 (default tvproxy-on,triggers,stmt-triggers,tvproxy-off)",
     )
     p.add_argument(
         "--insert-targets",
