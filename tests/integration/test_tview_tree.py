@@ -378,3 +378,18 @@ def test_two_phase_commit_of_a_move_refreshes_old_and_new_parents(tree: Tree) ->
     tree.check()
     assert tree.data(2)["names"] == ["a1", "a2", "b1"] and tree.data(3)["children"] == 0
     assert tree.data(5)["children"] == 0
+
+
+def test_a_tree_created_before_the_analysis_is_refreshed_fully(tree: Tree) -> None:
+    """A catalog row written by a tvproxy that did not analyse self-references (no ``tree``,
+    no ``self_checked``): the proxy refreshes that TVIEW fully when its table changes."""
+    tree.make(PARENT)
+    tree.conn.execute("UPDATE tvproxy.tview SET key_mapping = key_mapping - 'tree'"
+                      " - 'self_checked' WHERE entity = 'node'")
+    tree.proxy.stop()
+    tree.proxy.start()  # loads the catalog as it is now
+    with _connect(tree, "extended") as c:
+        got = _step(tree, c, ("UPDATE tb_node SET name = %s WHERE pk_node = %s", ("A", 2)))
+    assert {2, 4, 5} <= got  # every row is recomputed; the ones embedding the parent too
+    assert tree.data(4) == {"name": "a1", "parent": "A"}
+    assert "created before that was analysed" in tree.proxy.logs()

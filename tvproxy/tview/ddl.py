@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from tvproxy.log import get_logger
 from tvproxy.tview.analyze import (
     CreateTview,
     DropTviews,
@@ -47,6 +48,8 @@ from tvproxy.tview.catalog import (
 from tvproxy.tview.model import BaseTable, RuntimeCatalog, build_runtime
 from tvproxy.tview.opaque import OpaqueFacts
 from tvproxy.tview.selfref import SelfReference, self_reference
+
+log = get_logger("tvproxy.tview")
 
 DEFAULT_SCHEMA = "tvproxy"
 DEFAULT_LOCK_NAMESPACE = 0x7476
@@ -177,7 +180,7 @@ async def create_tview(conn: Any, ddl: str | CreateTview, schema: str = DEFAULT_
             {"schema": rel_schema, "columns": [n for n, _ in cols],
              "rules": [{"table": r.table, "entity": r.entity, "rule": r.rule,
                         "column": r.column, "via": r.via} for r in mapping.rules],
-             "unmapped": sorted(set(base_sources) - mapped),
+             "unmapped": sorted(set(base_sources) - mapped), "self_checked": True,
              **({"tree": tree} if tree is not None else {})},
             mapping.strategy)
         await save_entry(conn, schema, entry)
@@ -185,6 +188,38 @@ async def create_tview(conn: Any, ddl: str | CreateTview, schema: str = DEFAULT_
     if own:
         warnings += await sync_catalog(conn, schema, lock_namespace, [stmt.entity], sync_timeout)
     return CreateResult(stmt.entity, rows, mapping.strategy, warnings)
+
+
+async def _unanalysed_trees(conn: Any, entries: list[CatalogEntry],
+                            tables: dict[str, BaseTable]) -> list[str]:
+    """TVIEWs created before self-references were analysed (no ``self_checked`` in their key
+    mapping) whose view reads its own base table more than once: refreshed fully when that
+    table changes (never stale), with a WARNING to create them again."""
+    out = []
+    for entry in entries:
+        mapping = entry.key_mapping
+        table = f"tb_{entry.entity}"
+        if mapping.get("self_checked") or "tree" in mapping or table not in tables or not any(
+                r.get("rule") == "self" for r in mapping.get("rules", ())):
+            continue
+        views: dict[str, str] = {}
+        for src in entry.sources:
+            sql = await conn.fetchval(
+                "SELECT pg_get_viewdef(c.oid) FROM pg_class c WHERE c.oid = to_regclass($1)"
+                " AND c.relkind = 'v'", src)
+            if sql is not None:
+                views.setdefault(src.rsplit(".", 1)[-1], sql)
+                views[src] = sql
+        base = tables[table]
+        columns = {t: list(b.columns) for t, b in tables.items()}
+        ref = self_reference(entry.definition, table, base.pk, entry.pk_column, columns, views,
+                             base.schema)
+        if ref is not None and (ref.problem or ref.terms):
+            log.warning("tview reads its own base table but was created before that was "
+                        "analysed: refreshed fully when it changes; create it again",
+                        tview=entry.table_name, table=table)
+            out.append(entry.entity)
+    return out
 
 
 async def _self_reference(conn: Any, stmt: CreateTview, out_pk: str,
@@ -277,6 +312,8 @@ async def load_runtime(conn: Any, schema: str = DEFAULT_SCHEMA) -> RuntimeCatalo
                 tables[name] = base
     opaque = await _opaque_facts(conn, schema) if entries else None
     rt = build_runtime(entries, tables, opaque=opaque)
+    for entity in await _unanalysed_trees(conn, entries, tables):
+        rt.full_on.setdefault(entity, []).append(entity)
     rt.server_version = int(await conn.fetchval(
         "SELECT current_setting('server_version_num')")) // 10000
     return rt
