@@ -71,3 +71,43 @@ def test_hot_parent_children_pass_a_rename_waits(pg: Any, fixture_f: Any) -> Non
                           " fk_user = 1 ORDER BY pk_post").fetchall()
     assert names == [(1, "Alicia"), (2, "Alicia"), (200, "Alicia"), (201, "Alicia")]
     oracle(pg)
+
+
+def test_a_whole_refresh_takes_one_lock_not_one_per_row(pg: Any, fixture_f: Any) -> None:
+    """A TVIEW refreshed whole (its creation's diff refresh, an opaque write such as COPY) is
+    locked as one, exclusively, not row by row: a lock per row of a big table would not fit
+    PostgreSQL's lock table and the COMMIT would fail with 53200.  A prepared transaction keeps
+    its advisory locks, so pg_locks shows what the refresh took."""
+    n = 5000
+    with psycopg.connect(pg.dsn("app"), autocommit=True) as d:
+        d.execute("DROP TABLE IF EXISTS tb_big CASCADE; CREATE TABLE tb_big (pk_big BIGINT"
+                  " PRIMARY KEY, id UUID NOT NULL DEFAULT gen_random_uuid(), v INT NOT NULL)")
+        d.execute("INSERT INTO tb_big (pk_big, v) SELECT g, g FROM generate_series(1, %s) g",
+                  (n,))
+    try:
+        with psycopg.connect(fixture_f.dsn("app"), autocommit=True) as c:
+            c.execute("CREATE TABLE tv_big AS SELECT pk_big, id, jsonb_build_object('v', v)"
+                      " AS data FROM tb_big")
+        with psycopg.connect(fixture_f.dsn("app")) as c:
+            with c.cursor().copy("COPY tb_big (pk_big, v) FROM STDIN") as cp:
+                cp.write_row((n + 1, 7))  # an opaque write: tv_big is refreshed whole
+            c.execute("UPDATE tb_big SET v = v + 1 WHERE pk_big = 1")
+            c.execute("PREPARE TRANSACTION 'big'")
+        with psycopg.connect(pg.dsn("app"), autocommit=True) as d:
+            assert d.execute("SELECT array_agg(gid) FROM pg_prepared_xacts").fetchone()[0] == [
+                "big"]
+            held = d.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND"
+                             " pid IS NULL").fetchone()[0]  # the prepared transaction's
+            assert 0 < held < 10
+        with psycopg.connect(fixture_f.dsn("app"), autocommit=True) as c:
+            c.execute("COMMIT PREPARED 'big'")
+        with psycopg.connect(pg.dsn("app"), autocommit=True) as d:
+            assert d.execute("SELECT data->>'v' FROM tv_big WHERE pk_big IN (1, %s)"
+                             " ORDER BY pk_big", (n + 1,)).fetchall() == [("2",), ("7",)]
+        oracle(pg, entities=("company", "user", "post", "big"))
+    finally:
+        tview_fixture.rollback_prepared(pg)
+        with psycopg.connect(fixture_f.dsn("app"), autocommit=True) as c:
+            c.execute("DROP TABLE IF EXISTS tv_big")
+        with psycopg.connect(pg.dsn("app"), autocommit=True) as d:
+            d.execute("DROP TABLE IF EXISTS tb_big CASCADE")

@@ -16,7 +16,10 @@ them once per server and PostgreSQL runs them from a generic plan:
    where one rewrites a row the other rewrites or reads: two inserts of children under one
    parent do not wait, a rename of the parent and an insert under it do.  Left out when no
    locked row reads or is read by another TVIEW (a TVIEW fed only by its own base rows, which
-   the transaction holds row locks on already).
+   the transaction holds row locks on already).  First of all, a lock per TVIEW of the plan:
+   shared, or exclusive for a TVIEW refreshed whole (every key, an opaque write): that one is
+   never locked row by row (PostgreSQL's lock table would not hold a lock per row of a big
+   table), and it waits for, and holds off, every transaction refreshing rows of it.
 2. *expand*: exclusive locks on the rows that embed a rewritten parent (``tv_e`` rows whose
    ``fk_`` column names it, transitively; in a self-referencing TVIEW, the rows of it the keys
    reach through its own fk), computed after the gate, so a parent's children are found once
@@ -340,9 +343,40 @@ class _Builder:
 
     # -- statements -------------------------------------------------------------------------
 
-    def _locks(self, rows: list[tuple[str, str, bool]]) -> str:
-        """CTEs ``g`` (rank, key, exclusive) and ``c`` (the locks, in global order), then the
-        no-op UPDATEs of the locked rows under REPEATABLE READ/SERIALIZABLE."""
+    def full_reach(self, e: str, seen: tuple[str, ...] = ()) -> bool:
+        """Whether the rows of ``e`` to refresh are every row (or every row when a condition
+        holds): its keys are all of them, or it embeds such a parent, or aggregates such
+        children.  Such a TVIEW is locked whole (:meth:`_locks`), never key by key: a lock per
+        row of a big table would exhaust PostgreSQL's lock table."""
+        if self._everything(e):
+            return True
+        seen = (*seen, e)
+        spec = self.specs.get(e)
+        if spec is not None and any(
+                parent not in seen and (parent in self.reach or parent in self.shape)
+                and self.full_reach(parent, seen) for _, parent in spec.embeds):
+            return True
+        return any(child in self.shape and child not in seen and self.full_reach(child, seen)
+                   for child, _ in self.derived.get(e, ()))
+
+    def _locks(self, rows: list[tuple[str, str, bool]],
+               whole: Sequence[tuple[str, bool]] = ()) -> str:
+        """CTEs ``w`` (a lock per TVIEW of the plan, first: exclusive on one refreshed whole,
+        shared otherwise), ``g`` (rank, key, exclusive) and ``c`` (the key locks, in global
+        order), then the no-op UPDATEs of the locked rows under REPEATABLE READ/SERIALIZABLE.
+        Key lock ``(lock_namespace, hash)``, TVIEW lock ``(lock_namespace + 1, rank)``."""
+        ctes = []
+        after = ""
+        if whole:
+            order = sorted((self.rank[e], x) for e, x in whole)
+            values = ", ".join(f"({r}, {str(x).lower()})" for r, x in order)
+            ctes.append(
+                f"w AS MATERIALIZED (SELECT count(CASE WHEN x THEN pg_advisory_xact_lock("
+                f"{self.ns + 1}, r) ELSE pg_advisory_xact_lock_shared({self.ns + 1}, r) END)"
+                f" AS n FROM (SELECT r, x FROM (VALUES {values}) v(r, x) ORDER BY r) o)")
+            after = " WHERE (SELECT n FROM w) >= 0"
+            if not rows:
+                return f"WITH {ctes[0]} SELECT n FROM w"
         union = " UNION ALL ".join(
             f"SELECT {self.rank[e]} AS r, k::{self.specs[e].pk_type}::text AS k, {str(x).lower()}"
             f" AS x FROM ({sql}) s(k)" for e, sql, x in rows)
@@ -356,11 +390,11 @@ class _Builder:
                          f"current_setting('transaction_isolation') <> 'read committed' AND "
                          f"(SELECT n FROM c) >= 0 AND "  # after the locks: no deadlock, 40001
                          f"t.{pk} IN (SELECT k::{spec.pk_type} FROM g WHERE r = {self.rank[e]}))")
-        return (f"WITH g AS MATERIALIZED (SELECT r, k, bool_or(x) AS x FROM ({union}) l "
-                f"WHERE k IS NOT NULL GROUP BY r, k), "
-                f"c AS MATERIALIZED (SELECT count({lock}) AS n FROM "
-                f"(SELECT r, k, x FROM g ORDER BY r, k) o), "
-                f"{', '.join(bumps)} SELECT n FROM c")
+        ctes += [f"g AS MATERIALIZED (SELECT r, k, bool_or(x) AS x FROM ({union}) l "
+                 f"WHERE k IS NOT NULL GROUP BY r, k)",
+                 f"c AS MATERIALIZED (SELECT count({lock}) AS n FROM "
+                 f"(SELECT r, k, x FROM g{after} ORDER BY r, k) o)", *bumps]
+        return f"WITH {', '.join(ctes)} SELECT n FROM c"
 
     def gate(self, entities: Sequence[str]) -> tuple[str, _Params] | None:
         p = _Params(self.types)
@@ -379,7 +413,11 @@ class _Builder:
                     up(parent, psql, (*seen, parent))
 
         embedded = {parent for s in self.specs.values() for _, parent in s.embeds}
-        for e in entities:
+        whole = [(e, self.full_reach(e)) for e in entities]
+        for e, full in whole:
+            if full:  # locked whole, exclusive: no lock per row
+                needed = True
+                continue
             parts = self.direct(p, e, (), False)
             if not parts:
                 continue
@@ -394,15 +432,15 @@ class _Builder:
             if (spec.embeds or self.derived.get(e) or e in embedded or t is None
                     or t.every or t.conditions or reads):
                 needed = True
-        if not rows or not needed:
+        if not needed:
             return None
-        return self._locks(rows), p
+        return self._locks(rows, whole), p
 
     def expand(self, entities: Sequence[str]) -> tuple[str, _Params] | None:
         p = _Params(self.types)
         rows = []
         for e in entities:
-            if self.has_expansion(e):
+            if self.has_expansion(e) and not self.full_reach(e):
                 sql = self.keys(p, e, (), True)
                 assert sql is not None
                 rows.append((e, sql, True))
