@@ -179,14 +179,30 @@ class _Touch:
     conditions: tuple[str, ...]
 
 
+_NAMED = _Touch(True, False, ())
+
+
+def _plain(keys: Collection[Hashable]) -> bool:
+    """Only keys (no ALL_KEYS, no KeysWhen): the common case, told without building anything."""
+    return ALL_KEYS not in keys and all(type(k) is not KeysWhen for k in keys)
+
+
 def _shape(touched: Mapping[str, Collection[Hashable]]) -> tuple[tuple[str, _Touch], ...]:
     out = []
     for e, keys in touched.items():
+        if _plain(keys):
+            out.append((e, _NAMED))
+            continue
         every = ALL_KEYS in keys
         conds = () if every else tuple(sorted({k.condition for k in keys
                                                if isinstance(k, KeysWhen)}))
         out.append((e, _Touch(not every and bool(_explicit(keys)), every, conds)))
-    return tuple(sorted(out))
+    out.sort(key=_first)
+    return tuple(out)
+
+
+def _first(item: tuple[str, _Touch]) -> str:
+    return item[0]
 
 
 @dataclass(frozen=True)
@@ -201,7 +217,12 @@ class _Template:
     full: tuple[str, ...]
 
     def bind(self, touched: Mapping[str, Collection[Hashable]]) -> RefreshPlan:
-        keys = {e: sorted(_explicit(touched[e]), key=str) for s in self.slots for e in s}
+        keys = {}
+        for s in self.slots:
+            for e in s:
+                if e not in keys:
+                    got = touched[e]
+                    keys[e] = sorted(got if _plain(got) else _explicit(got), key=str)
         params = tuple(tuple(keys[e] for e in s) for s in self.slots)
         return RefreshPlan(self.entities, self.statements, params, self.first_refresh,
                            self.names, self.full)
