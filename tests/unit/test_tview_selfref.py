@@ -8,17 +8,9 @@ import pytest
 from tvproxy.tview.analyze import TviewError, key_mapping
 from tvproxy.tview.catalog import CatalogEntry
 from tvproxy.tview.model import BaseTable, build_runtime, old_parents
-from tvproxy.tview.planner import (
-    ALL_KEYS,
-    UNBOUNDED,
-    SelfRule,
-    TviewSpec,
-    affected,
-    plan_refresh,
-    self_keys,
-    walk_keys,
-)
+from tvproxy.tview.planner import ALL_KEYS, UNBOUNDED, TviewSpec, affected, plan_refresh
 from tvproxy.tview.selfref import SelfReference, self_reference
+from tvproxy.tview.treekeys import SelfRule, self_keys, walk_keys
 
 COLUMNS = {"tb_node": ["pk_node", "id", "fk_node", "fk_owner", "name"],
            "tb_tag": ["pk_tag", "fk_node", "label"]}

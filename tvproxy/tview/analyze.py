@@ -145,7 +145,7 @@ class KeyMapping:
     strategy: str  # incremental | full
     warnings: tuple[str, ...]
     # a view reading other rows of its own base table: {"link": fk column, "terms": [[down,
-    # up], ...]} (tview/selfref.py; planner.SelfRule at run time)
+    # up], ...]} (tview/selfref.py; treekeys.SelfRule at run time)
     tree: dict[str, object] | None = None
 
 

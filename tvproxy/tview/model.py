@@ -18,7 +18,8 @@ from tvproxy.tview.analyze import refresh_order
 from tvproxy.tview.capture import TrackedTable
 from tvproxy.tview.catalog import CatalogEntry
 from tvproxy.tview.opaque import OpaqueFacts, function_pattern
-from tvproxy.tview.planner import SelfRule, TviewSpec
+from tvproxy.tview.planner import TviewSpec
+from tvproxy.tview.treekeys import SelfRule
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ subqueries, CTEs and views; a recursive CTE to a fixpoint, so the occurrence in 
 term is linked to itself.  The occurrence whose pk is the TVIEW's pk is the *root*, the row
 itself; tview/selfterms.py turns the constraints into terms (down, up): a change of a row
 reaches the rows at most ``down`` levels below the rows at most ``up`` levels above it
-(``UNBOUNDED`` for a recursion; the planner's key set, ``planner.SelfRule``).
+(``UNBOUNDED`` for a recursion; the planner's key set, ``treekeys.SelfRule``).
 
 What cannot be said this way -- an occurrence joined by anything else (``p.name =
 n.parent_name``, an expression, a link table, no condition), two fk columns linking rows, a
