@@ -98,6 +98,7 @@ class ClientSession(asyncio.Protocol):
         self.inject_error: bytes | None = None
         self.inject_batch_error: bytes | None = None  # the error of the batch being read
         self.inject_skipped = False  # the server skipped the batch after the client's error
+        self.skip_to_sync = False  # the server skips the client's messages up to its Sync
         self.inject_desc: bytes | None = None
         self.inject_tag: bytes | None = None
         self.strip_row: bytearray | None = None  # a big DataRow to strip, until it is whole
@@ -556,6 +557,14 @@ class ClientSession(asyncio.Protocol):
         plan replaces the Sync (its own Sync commits it all), or a BEGIN goes before the Sync
         when keys are still to come (then closed at ReadyForQuery, see ``ready``)."""
         out.append(bytes(buf[run:start]))
+        if self.skip_to_sync:  # a statement of the batch failed: nothing commits, no plan
+            tv.abandon_implicit()
+            out.append(bytes(buf[start:end]))
+            self.holding = True
+            self.tv_hold = True
+            if self.server is not None:
+                self.server.write(b"".join(out))
+            return
         self.expect.pop()  # the client's Sync, appended by the caller
         self._end_implicit(tv, out, bytes(buf[start:end]))
 
@@ -819,6 +828,7 @@ class ClientSession(asyncio.Protocol):
                     status = buf[start + 5:start + 6]
                     server.status = status
                     self.copy_in = False
+                    self.skip_to_sync = False
                     # requests still waiting for a reply were skipped after an error: drop them
                     while expect and (type(expect[0]) is tuple or expect[0] == EXP_EXT
                                       or expect[0] == EXP_SKIP1):
@@ -892,6 +902,9 @@ class ClientSession(asyncio.Protocol):
                                 self.inject_skipped = True
                                 break
                             self._drop_head(error=True)
+                        else:
+                            # skipping up to a Sync the client has not sent yet
+                            self.skip_to_sync = not expect
                 elif mtype in TERMINALS:
                     if head == EXP_QUERY or head == EXP_SYNC:
                         if mtype == 0x43:

@@ -31,7 +31,9 @@ client's next request (a refresh that fails fails the COMMIT) unless ``injected`
   BEGIN.  At the client's Sync, ``close_implicit(session)`` gives the plan to send *instead*
   of that Sync (it ends in its own; ``[]``: send the client's Sync as it is), or None: then
   ``upgrade_at_sync()`` gives a BEGIN (and how many replies of it to swallow) to send before the Sync, and
-  the transaction is closed at ``ready`` like any other block the proxy opened.
+  the transaction is closed at ``ready`` like any other block the proxy opened.  When the
+  server already failed a statement of the batch (it skips up to that Sync),
+  ``abandon_implicit()`` instead, and the Sync goes as it is.
 - ``convert_query`` after ``query``: the session sends that Query's text as an unnamed
   Parse/Bind/Execute (no Describe: it returns no rows) and closes it as an implicit batch.
 
@@ -99,6 +101,8 @@ class TransactionHooks(Protocol):
     def close_implicit(self, session: ClientSession) -> list[bytes] | None: ...
 
     def upgrade_at_sync(self) -> tuple[bytes, int]: ...
+
+    def abandon_implicit(self) -> None: ...
 
     def hold_ready(self, session: ClientSession, status: bytes) -> bool: ...
 

@@ -517,6 +517,13 @@ class CaptureHooks:
         self.wrapped = False
         return self._send(pre) or []
 
+    def abandon_implicit(self) -> None:
+        """A statement of the batch failed before its Sync reached the proxy: the Sync rolls
+        the implicit transaction back, there is nothing to refresh."""
+        self.implicit = False
+        self.wrapped = False
+        self._end_transaction()  # type: ignore[attr-defined]
+
     def upgrade_at_sync(self) -> tuple[bytes, int]:
         """The BEGIN that turns the batch's implicit transaction into a block, sent right
         before the client's Sync, with the number of its replies (the proxy's to swallow)."""
