@@ -177,3 +177,23 @@ def test_simple_query_autocommit_write(pg: Any, fixture_f: Any) -> None:
         assert d.execute("SELECT pk_post, data->>'title' FROM tv_post ORDER BY 1").fetchall(
             ) == [(1, "s4"), (2, "s2"), (3, "s3")]
     oracle(pg, entities=("company", "user", "post", "div"))
+
+
+def test_tview_ddl_brings_no_catalog_notices(pg: Any, fixture_f: Any) -> None:
+    """The catalog exists already: creating and dropping a TVIEW tells the client nothing of
+    the proxy's own idempotent catalog DDL ("relation ... already exists, skipping")."""
+    with psycopg.connect(pg.dsn("app"), autocommit=True) as d:
+        d.execute("DROP TABLE IF EXISTS tb_label CASCADE; CREATE TABLE tb_label (pk_label"
+                  " BIGINT PRIMARY KEY, id UUID NOT NULL DEFAULT gen_random_uuid(), name TEXT);"
+                  " INSERT INTO tb_label VALUES (1, DEFAULT, 'x')")
+    notices: list[str] = []
+    try:
+        with psycopg.connect(fixture_f.dsn("app"), autocommit=True) as c:
+            c.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+            c.execute("CREATE TABLE tv_label AS SELECT pk_label, id,"
+                      " jsonb_build_object('name', name) AS data FROM tb_label")
+            c.execute("DROP TABLE tv_label")
+    finally:
+        with psycopg.connect(pg.dsn("app"), autocommit=True) as d:
+            d.execute("DROP TABLE IF EXISTS tb_label CASCADE")
+    assert notices == []

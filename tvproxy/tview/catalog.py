@@ -109,8 +109,19 @@ class CatalogEntry:
     created_at: datetime | None = None  # set by the database
 
 
+async def _missing(conn: Any, schema: str, tables: tuple[str, ...]) -> bool:
+    """Whether a catalog table is missing (then the idempotent DDL runs: without this test its
+    "already exists, skipping" NOTICEs would reach the client of TVIEW DDL every time)."""
+    s = quote_ident(schema)
+    return not await conn.fetchval(
+        "SELECT bool_and(to_regclass(t) IS NOT NULL) FROM unnest($1::text[]) t",
+        [f"{s}.{quote_ident(t)}" for t in tables])
+
+
 async def ensure_catalog(conn: Any, schema: str, lock_namespace: int) -> None:
     """Create the catalog if missing, in the connection's current transaction if one is open."""
+    if not await _missing(conn, schema, ("tview", "pending_refresh", "generation")):
+        return
     for attempt in (1, 2):
         try:
             async with conn.transaction():
@@ -160,7 +171,8 @@ async def load_catalog(conn: Any, schema: str) -> list[CatalogEntry]:
 async def bump_generation(conn: Any, schema: str) -> int:
     """One more catalog generation, in the connection's transaction (its row lock also orders
     concurrent TVIEW DDL).  A catalog made before generations existed gets its row here."""
-    for sql in _generation_ddl(quote_ident(schema)):
+    ddl = _generation_ddl(quote_ident(schema))
+    for sql in ddl if await _missing(conn, schema, ("generation",)) else ddl[-1:]:
         await conn.execute(sql)
     value = await conn.fetchval(
         f"UPDATE {quote_ident(schema)}.generation SET value = value + 1 RETURNING value")
