@@ -94,10 +94,11 @@ def test_a_whole_refresh_takes_one_lock_not_one_per_row(pg: Any, fixture_f: Any)
             c.execute("UPDATE tb_big SET v = v + 1 WHERE pk_big = 1")
             c.execute("PREPARE TRANSACTION 'big'")
         with psycopg.connect(pg.dsn("app"), autocommit=True) as d:
-            assert d.execute("SELECT array_agg(gid) FROM pg_prepared_xacts").fetchone()[0] == [
-                "big"]
+            assert d.execute("SELECT array_agg(gid) FROM pg_prepared_xacts WHERE database ="
+                             " current_database()").fetchone()[0] == ["big"]
             held = d.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND"
-                             " pid IS NULL").fetchone()[0]  # the prepared transaction's
+                             " pid IS NULL AND database = (SELECT oid FROM pg_database WHERE"
+                             " datname = current_database())").fetchone()[0]  # prepared ones
             assert 0 < held < 10
         with psycopg.connect(fixture_f.dsn("app"), autocommit=True) as c:
             c.execute("COMMIT PREPARED 'big'")
