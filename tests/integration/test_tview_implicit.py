@@ -28,6 +28,15 @@ def _server_statements(pg: Any) -> list[str]:
             " NOT LIKE 'tvproxy-listener%'").fetchall()]
 
 
+def _div_tview(proxy: Any) -> None:
+    """tb_div and tv_div through ``proxy``: a refresh of a row with v = 0 fails (22012)."""
+    with psycopg.connect(proxy.dsn("app"), autocommit=True) as c:
+        c.execute("CREATE TABLE tb_div (pk_div BIGINT PRIMARY KEY, id UUID NOT NULL DEFAULT "
+                  "gen_random_uuid(), v INT NOT NULL); INSERT INTO tb_div VALUES (1, DEFAULT, 1)")
+        c.execute("CREATE TABLE tv_div AS SELECT pk_div, id, jsonb_build_object('q', 10 / v)"
+                  " AS data FROM tb_div")
+
+
 def test_autocommit_write_refreshes_without_begin_or_commit(pg: Any, fixture_f: Any) -> None:
     async def run() -> None:
         conn = await asyncpg.connect(fixture_f.url("app"), statement_cache_size=0)
@@ -75,11 +84,7 @@ def test_failing_statement_skips_the_plan(pg: Any, fixture_f: Any) -> None:
 
 
 def test_failing_plan_rolls_the_write_back(pg: Any, fixture_f: Any) -> None:
-    with psycopg.connect(fixture_f.dsn("app"), autocommit=True) as c:
-        c.execute("CREATE TABLE tb_div (pk_div BIGINT PRIMARY KEY, id UUID NOT NULL DEFAULT "
-                  "gen_random_uuid(), v INT NOT NULL); INSERT INTO tb_div VALUES (1, DEFAULT, 1)")
-        c.execute("CREATE TABLE tv_div AS SELECT pk_div, id, jsonb_build_object('q', 10 / v)"
-                  " AS data FROM tb_div")
+    _div_tview(fixture_f)
 
     async def run() -> None:
         conn = await asyncpg.connect(fixture_f.url("app"))
@@ -144,11 +149,7 @@ def test_simple_query_autocommit_write(pg: Any, fixture_f: Any) -> None:
     """One write in a simple Query runs as an unnamed extended statement closed by the plan;
     the client still gets a simple Query's replies (asyncpg's execute() without arguments
     sends a simple Query)."""
-    with psycopg.connect(fixture_f.dsn("app"), autocommit=True) as c:
-        c.execute("CREATE TABLE tb_div (pk_div BIGINT PRIMARY KEY, id UUID NOT NULL DEFAULT "
-                  "gen_random_uuid(), v INT NOT NULL); INSERT INTO tb_div VALUES (1, DEFAULT, 1)")
-        c.execute("CREATE TABLE tv_div AS SELECT pk_div, id, jsonb_build_object('q', 10 / v)"
-                  " AS data FROM tb_div")
+    _div_tview(fixture_f)
 
     async def run() -> None:
         conn = await asyncpg.connect(fixture_f.url("app"))

@@ -224,5 +224,6 @@ def terminate() -> bytes:
 
 
 SYNC = b"S\x00\x00\x00\x04"
+EXECUTE = execute()  # the unnamed portal, every row
 FLUSH = b"H\x00\x00\x00\x04"
 TERMINATE = b"X\x00\x00\x00\x04"

@@ -546,6 +546,11 @@ class ClientSession(asyncio.Protocol):
                 out.append(batch)
                 self.expect.append(EXP_INJECT)
             self.tv_deferred = True
+        self._hold_and_send(out)
+
+    def _hold_and_send(self, out: list[bytes]) -> None:
+        """Send ``out``; the client's input waits until the transaction the proxy took charge
+        of is closed (its ReadyForQuery)."""
         self.holding = True
         self.tv_hold = True
         if self.server is not None:
@@ -560,10 +565,7 @@ class ClientSession(asyncio.Protocol):
         if self.skip_to_sync:  # a statement of the batch failed: nothing commits, no plan
             tv.abandon_implicit()
             out.append(bytes(buf[start:end]))
-            self.holding = True
-            self.tv_hold = True
-            if self.server is not None:
-                self.server.write(b"".join(out))
+            self._hold_and_send(out)
             return
         self.expect.pop()  # the client's Sync, appended by the caller
         self._end_implicit(tv, out, bytes(buf[start:end]))
@@ -576,8 +578,7 @@ class ClientSession(asyncio.Protocol):
         ReadyForQuery after the plan's)."""
         self._flush_run(out, buf, run, start)
         self.framer.unread(end)
-        out.append(B.parse(b"", bytes(buf[start + 5:end - 1])) + B.bind(b"", [])
-                   + B.execute())
+        out.append(B.parse(b"", bytes(buf[start + 5:end - 1])) + B.bind(b"", []) + B.EXECUTE)
         self.expect.extend((EXP_SKIP1, EXP_SKIP1, EXP_EXT))
         self._end_implicit(tv, out, B.SYNC)
 
@@ -596,10 +597,7 @@ class ClientSession(asyncio.Protocol):
                 expect.extend([EXP_SKIP1] * replies)
             out.append(sync)
             expect.append(EXP_SYNC)
-        self.holding = True
-        self.tv_hold = True
-        if self.server is not None:
-            self.server.write(b"".join(out))
+        self._hold_and_send(out)
 
     @staticmethod
     def _flush_run(out: list[bytes], buf: bytes | bytearray, run: int, start: int) -> int:

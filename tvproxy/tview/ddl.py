@@ -190,6 +190,20 @@ async def create_tview(conn: Any, ddl: str | CreateTview, schema: str = DEFAULT_
     return CreateResult(stmt.entity, rows, mapping.strategy, warnings)
 
 
+async def _view_definitions(conn: Any, names: list[tuple[str, str]]) -> dict[str, str]:
+    """The definitions of the views among ``names`` ((schema, name) pairs; other relations are
+    left out), by name and by ``schema.name``, as tview/selfref.py expands them."""
+    views: dict[str, str] = {}
+    for schema, name in names:
+        sql = await conn.fetchval(
+            "SELECT pg_get_viewdef(c.oid) FROM pg_class c WHERE c.oid = to_regclass($1)"
+            " AND c.relkind = 'v'", f"{q(schema)}.{q(name)}")
+        if sql is not None:
+            views.setdefault(name, sql)
+            views[f"{schema}.{name}"] = sql
+    return views
+
+
 async def _unanalysed_trees(conn: Any, entries: list[CatalogEntry],
                             tables: dict[str, BaseTable]) -> list[str]:
     """TVIEWs created before self-references were analysed (no ``self_checked`` in their key
@@ -202,14 +216,9 @@ async def _unanalysed_trees(conn: Any, entries: list[CatalogEntry],
         if mapping.get("self_checked") or "tree" in mapping or table not in tables or not any(
                 r.get("rule") == "self" for r in mapping.get("rules", ())):
             continue
-        views: dict[str, str] = {}
-        for src in entry.sources:
-            sql = await conn.fetchval(
-                "SELECT pg_get_viewdef(c.oid) FROM pg_class c WHERE c.oid = to_regclass($1)"
-                " AND c.relkind = 'v'", src)
-            if sql is not None:
-                views.setdefault(src.rsplit(".", 1)[-1], sql)
-                views[src] = sql
+        split = [src.rpartition(".") for src in entry.sources]
+        views = await _view_definitions(conn, [(sch or "public", name)
+                                               for sch, _, name in split])
         base = tables[table]
         columns = {t: list(b.columns) for t, b in tables.items()}
         ref = self_reference(entry.definition, table, base.pk, entry.pk_column, columns, views,
@@ -232,13 +241,8 @@ async def _self_reference(conn: Any, stmt: CreateTview, out_pk: str,
     if own is None or table not in base_sources:
         return None
     base = await _base_table(conn, own.schema, own.name)
-    views: dict[str, str] = {}
-    for src in sources:
-        if src.kind == "view":
-            sql = await conn.fetchval("SELECT pg_get_viewdef($1::regclass)",
-                                      f"{q(src.schema)}.{q(src.name)}")
-            views.setdefault(src.name, sql)
-            views[f"{src.schema}.{src.name}"] = sql
+    views = await _view_definitions(conn, [(s.schema, s.name) for s in sources
+                                           if s.kind == "view"])
     return self_reference(stmt.select_sql, table, base.pk if base else f"pk_{stmt.entity}",
                           out_pk, base_sources, views, own.schema)
 

@@ -90,11 +90,8 @@ def plan_messages(plan: RefreshPlan, server: Any = None) -> tuple[bytes, tuple[b
         if not name:
             out.append(B.parse(b"", sql.encode()))
         out.append(_bind(name, params))
-        out.append(_EXECUTE)
+        out.append(B.EXECUTE)
     return b"".join(out), tuple(new)
-
-
-_EXECUTE = B.execute()
 
 
 def _bind(statement: bytes, params: tuple[object, ...] | list[object]) -> bytes:

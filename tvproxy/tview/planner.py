@@ -187,8 +187,7 @@ class _Template:
         for s in self.slots:
             for e in s:
                 if e not in keys:
-                    got = touched[e]
-                    keys[e] = sorted(got if _plain(got) else _explicit(got), key=str)
+                    keys[e] = sorted(_explicit(touched[e]), key=str)
         params = tuple(tuple(keys[e] for e in s) for s in self.slots)
         return RefreshPlan(self.entities, self.statements, params, self.first_refresh,
                            self.names, self.full)

@@ -400,7 +400,7 @@ class CaptureHooks:
             self._touch(cat, w, keys, pre)
         if (rw is None and self.hold and not pre and not self.in_block and not self.wrapped
                 and len(st.commands) == 1 and not st.kind & (Kind.TX | Kind.OPAQUE)
-                and self.span is None and b"returning" not in text.lower()):
+                and self.span is None and not any(w.has_returning for w in writes)):
             # one autocommit write with its keys known and no rows to return: the session
             # runs it as an unnamed extended statement, the plan closes its implicit
             # transaction (no BEGIN, no COMMIT)
@@ -479,22 +479,28 @@ class CaptureHooks:
         the Sync of its extended batch): when every key of it is known already (none comes
         back in an appended RETURNING or a pre-image), the refresh plan and COMMIT go right
         behind it, in the same round trip; the session answers ReadyForQuery after them."""
-        if not self.wrapped or not self.hold:
-            return None
-        if any(isinstance(m, str) for m in self.inflight) or any(
-                not s.describe and not s.abandoned for s in self.ret_live):
+        if not self.wrapped or not self.hold or self._keys_to_come():
             return None
         cat = self._catalog()
         pre: list[tuple[bytes, object]] = []
         self._close_span(pre, cat)
+        self._closing_plan(pre, cat)
+        pre.append((B.query("COMMIT"), None))
+        return self._send(pre)
+
+    def _keys_to_come(self) -> bool:
+        """Keys of the transaction are still on their way (pre-images, appended RETURNING)."""
+        return any(isinstance(m, str) for m in self.inflight) or any(
+            not s.describe and not s.abandoned for s in self.ret_live)
+
+    def _closing_plan(self, pre: list[tuple[bytes, object]], cat: RuntimeCatalog) -> None:
+        """The plan that ends the transaction the proxy took charge of, appended to ``pre``."""
         n = len(pre)
         self._plan_batch(pre, cat, self.with_new_tviews(  # type: ignore[attr-defined]
             cat, self.tracker.take()), False)
         pre[n:] = [(batch, Closing(meta)) for batch, meta in pre[n:]]
         self._end_transaction()  # type: ignore[attr-defined]
         self.wrapped = False
-        pre.append((B.query("COMMIT"), None))
-        return self._send(pre)
 
     def close_implicit(self, client: ClientSession) -> list[bytes] | None:
         """The client's Sync ends PostgreSQL's implicit transaction of its batch, which the
@@ -502,25 +508,15 @@ class CaptureHooks:
         commits it all (no BEGIN, no COMMIT, one ReadyForQuery).  ``[]``: nothing to refresh,
         the client's Sync goes as it is.  None: keys are still to come (appended RETURNING,
         pre-images), so the transaction becomes a block first (:meth:`upgrade_at_sync`)."""
-        if any(isinstance(m, str) for m in self.inflight) or any(
-                not s.describe and not s.abandoned for s in self.ret_live):
+        if self._keys_to_come() or self.span is not None:  # (an audit runs in a batch too)
             return None
-        if self.span is not None:  # an audit to compare first, in a batch of its own
-            return None
-        cat = self._catalog()
         pre: list[tuple[bytes, object]] = []
-        self.implicit = False
-        self._plan_batch(pre, cat, self.with_new_tviews(  # type: ignore[attr-defined]
-            cat, self.tracker.take()), False)
-        pre = [(batch, Closing(meta)) for batch, meta in pre]
-        self._end_transaction()  # type: ignore[attr-defined]
-        self.wrapped = False
+        self._closing_plan(pre, self._catalog())  # (which also ends ``implicit``)
         return self._send(pre) or []
 
     def abandon_implicit(self) -> None:
         """A statement of the batch failed before its Sync reached the proxy: the Sync rolls
         the implicit transaction back, there is nothing to refresh."""
-        self.implicit = False
         self.wrapped = False
         self._end_transaction()  # type: ignore[attr-defined]
 
