@@ -7,12 +7,17 @@ them once per server and PostgreSQL runs them from a generic plan:
 
 0. *mode*: ``plan_cache_mode = force_generic_plan`` for the rest of the transaction (the plan
    then never re-plans at a Bind; the COMMIT ends it; a mid-transaction plan restores the
-   client's value in a last statement).
+   client's value in a last statement).  A statement of its own only when there is no gate:
+   the gate sets it first.
 1. *gate*: transaction-scoped advisory locks, in one global order (entity rank, key):
    exclusive on every TVIEW key the transaction rewrites that is known before anything is read
    (the keys it names, parents of aggregated children it wrote), shared on the parents those
    rows read (their new state, transitively; in a self-referencing TVIEW, the ancestors whose
-   rows below they read: ``SelfRule.reads_up``).  Two transactions wait for each other only
+   rows below they read: ``SelfRule.reads_up``).  A row that keeps its parent would not need
+   that lock for freshness (whoever rewrites the parent finds it among the children in the
+   expand statement), but it keeps the order deadlock-free: whoever holds a row holds its
+   parents first, so a parent's rewriter never waits in its expand for a row whose holder waits
+   for it.  Two transactions wait for each other only
    where one rewrites a row the other rewrites or reads: two inserts of children under one
    parent do not wait, a rename of the parent and an insert under it do.  Left out when no
    locked row reads or is read by another TVIEW (a TVIEW fed only by its own base rows, which
@@ -31,9 +36,11 @@ them once per server and PostgreSQL runs them from a generic plan:
    deletes of rows that vanished.  Its snapshot is taken after every lock was granted, so under
    READ COMMITTED it sees everything committed before.
 
-Under REPEATABLE READ and SERIALIZABLE the snapshot predates the locks: the gate and the expand
-statement also give the locked tv_ rows a no-op UPDATE, so the later of two transactions that
-meet there fails with 40001 (PostgreSQL's rule for concurrent updates) and its client retries.
+Under REPEATABLE READ and SERIALIZABLE the snapshot predates the locks: the later of two
+transactions that meet on a row fails with 40001 (PostgreSQL's rule for concurrent updates) and
+its client retries.  On a rewritten row the refresh's own upsert or delete raises it (ON
+CONFLICT DO UPDATE of a row version the snapshot does not see); the gate gives the tv_ rows it
+locks shared a no-op UPDATE, so that a rewriter of one whose snapshot is older fails in turn.
 
 Identifiers are quoted here; key values are always bound parameters (arrays).
 """
@@ -49,8 +56,9 @@ from tvproxy.tview.analyze import quote_ident as q
 from tvproxy.tview.selfterms import UNBOUNDED
 from tvproxy.tview.treekeys import SelfRule, self_keys, walk_keys
 
-MODE_SQL = ("SELECT set_config('tvproxy.plan_cache_mode', current_setting('plan_cache_mode'),"
-            " true), set_config('plan_cache_mode', 'force_generic_plan', true)")
+_MODE = ("set_config('tvproxy.plan_cache_mode', current_setting('plan_cache_mode'), true), "
+         "set_config('plan_cache_mode', 'force_generic_plan', true)")
+MODE_SQL = f"SELECT {_MODE}"
 RESTORE_SQL = ("SELECT set_config('plan_cache_mode', current_setting('tvproxy.plan_cache_mode'),"
                " true)")
 
@@ -346,12 +354,14 @@ class _Builder:
                    for child, _ in self.derived.get(e, ()))
 
     def _locks(self, rows: list[tuple[str, str, bool]],
-               whole: Sequence[tuple[str, bool]] = ()) -> str:
+               whole: Sequence[tuple[str, bool]] = (), mode: bool = False) -> str:
         """CTEs ``w`` (a lock per TVIEW of the plan, first: exclusive on one refreshed whole,
         shared otherwise), ``g`` (rank, key, exclusive) and ``c`` (the key locks, in global
-        order), then the no-op UPDATEs of the locked rows under REPEATABLE READ/SERIALIZABLE.
+        order), then the no-op UPDATEs of the rows locked shared under REPEATABLE READ and
+        SERIALIZABLE; ``mode``: ``m`` sets the plan mode first.
         Key lock ``(lock_namespace, hash)``, TVIEW lock ``(lock_namespace + 1, rank)``."""
-        ctes = []
+        ctes = [f"m AS MATERIALIZED (SELECT {_MODE})"] if mode else []
+        last = ", m" if mode else ""
         after = ""
         if whole:
             order = sorted((self.rank[e], x) for e, x in whole)
@@ -362,25 +372,30 @@ class _Builder:
                 f" AS n FROM (SELECT r, x FROM (VALUES {values}) v(r, x) ORDER BY r) o)")
             after = " WHERE (SELECT n FROM w) >= 0"
             if not rows:
-                return f"WITH {ctes[0]} SELECT n FROM w"
+                return f"WITH {', '.join(ctes)} SELECT n FROM w{last}"
         union = " UNION ALL ".join(
             f"SELECT {self.rank[e]} AS r, k::{self.specs[e].pk_type}::text AS k, {str(x).lower()}"
             f" AS x FROM ({sql}) s(k)" for e, sql, x in rows)
         lock = (f"CASE WHEN x THEN pg_advisory_xact_lock({self.ns}, hashtext(r || ':' || k)) "
                 f"ELSE pg_advisory_xact_lock_shared({self.ns}, hashtext(r || ':' || k)) END")
+        # under REPEATABLE READ/SERIALIZABLE, a no-op UPDATE of the rows read (shared): a later
+        # rewriter of one whose snapshot predates it fails with 40001, and so does this one
+        # if a rewriter committed after its snapshot.  Rewritten rows need none: the refresh's
+        # upsert or delete fails the same way
         bumps = []
-        for e in dict.fromkeys(e for e, _, _ in rows):
+        for e in dict.fromkeys(e for e, _, x in rows if not x):
             spec = self.specs[e]
             tv, pk = f"{q(spec.schema)}.{q(spec.table)}", q(spec.pk)
             bumps.append(f"b{self.rank[e]} AS (UPDATE {tv} t SET {pk} = t.{pk} WHERE "
                          f"current_setting('transaction_isolation') <> 'read committed' AND "
-                         f"(SELECT n FROM c) >= 0 AND "  # after the locks: no deadlock, 40001
-                         f"t.{pk} IN (SELECT k::{spec.pk_type} FROM g WHERE r = {self.rank[e]}))")
+                         f"(SELECT n FROM c) >= 0 AND "  # after the locks: no deadlock
+                         f"t.{pk} IN (SELECT k::{spec.pk_type} FROM g WHERE r = {self.rank[e]}"
+                         f" AND NOT x))")
         ctes += [f"g AS MATERIALIZED (SELECT r, k, bool_or(x) AS x FROM ({union}) l "
                  f"WHERE k IS NOT NULL GROUP BY r, k)",
                  f"c AS MATERIALIZED (SELECT count({lock}) AS n FROM "
                  f"(SELECT r, k, x FROM g{after} ORDER BY r, k) o)", *bumps]
-        return f"WITH {', '.join(ctes)} SELECT n FROM c"
+        return f"WITH {', '.join(ctes)} SELECT n FROM c{last}"
 
     def gate(self, entities: Sequence[str]) -> tuple[str, _Params] | None:
         p = _Params(self.types)
@@ -420,7 +435,7 @@ class _Builder:
                 needed = True
         if not needed:
             return None
-        return self._locks(rows, whole), p
+        return self._locks(rows, whole, mode=True), p
 
     def expand(self, entities: Sequence[str]) -> tuple[str, _Params] | None:
         p = _Params(self.types)
@@ -536,9 +551,10 @@ def _template(specs: Mapping[str, TviewSpec], order: Sequence[str],
         return None
     b = _Builder(specs, order, shape, key_types, lock_namespace, reach, all_keys, derived,
                  fk_sources, max_depth)
-    statements: list[str] = [MODE_SQL]
-    slots: list[tuple[str, ...]] = [()]
-    for part in (b.gate(entities), b.expand(entities)):
+    gate = b.gate(entities)  # it sets the mode itself
+    statements: list[str] = [] if gate is not None else [MODE_SQL]
+    slots: list[tuple[str, ...]] = [] if gate is not None else [()]
+    for part in (gate, b.expand(entities)):
         if part is not None:
             statements.append(part[0])
             slots.append(tuple(part[1].slots))
