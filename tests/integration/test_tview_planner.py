@@ -3,6 +3,7 @@ after each transaction every tv_ table equals its view (the oracle)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import asyncpg
@@ -10,6 +11,7 @@ import pytest
 from tview_fixture import base_ddl, direct_tviews_ddl
 
 from tvproxy.tview.analyze import TviewError
+from tvproxy.tview.catalog import ensure_touch
 from tvproxy.tview.planner import TviewSpec, affected, plan_refresh
 
 FIXTURE = base_ddl("pl") + direct_tviews_ddl()  # fixture F in schema pl, no proxy
@@ -27,26 +29,36 @@ ORDER = ["company", "user", "post"]
 TYPES = {e: "bigint" for e in ("company", "user", "post", "comment")}
 
 
+@pytest.fixture(params=["general", "one-key"])
+def specs(request: Any) -> dict[str, TviewSpec]:
+    """The specs with and without the catalog's touch function: without it the gate always
+    takes its general form; with it, a plan of one key per TVIEW takes the one-key form."""
+    if request.param == "general":
+        return SPECS
+    return {e: dataclasses.replace(s, touch='"pl".touch_row') for e, s in SPECS.items()}
+
+
 @pytest.fixture
 async def conn(pg: Any) -> Any:
     c = await asyncpg.connect(pg.url("app"))
     await c.execute("DROP SCHEMA IF EXISTS pl CASCADE")
     async with c.transaction():
         await c.execute(FIXTURE)
+        await ensure_touch(c, "pl")
     yield c
     await c.execute("DROP SCHEMA IF EXISTS pl CASCADE")
     await c.close()
 
 
-async def run(conn: Any, writes: str, touched: dict[str, set[int]]) -> dict[str, tuple[int, int]]:
+async def run(conn: Any, specs: Any, writes: str, touched: dict[str, set[int]]) -> dict[str, tuple[int, int]]:
     """Apply ``writes`` and the plan for ``touched`` in one transaction; (upserted, deleted)."""
     counts: dict[str, tuple[int, int]] = {}
     async with conn.transaction():
         await conn.execute(writes)
-        plan = plan_refresh(SPECS, ORDER, touched, TYPES, 0x7476)
+        plan = plan_refresh(specs, ORDER, touched, TYPES, 0x7476)
         assert plan is not None
         first = plan.first_refresh
-        assert first in (1, 2) and len(plan.statements) == first + len(plan.entities)
+        assert first in (1, 2, 3) and len(plan.statements) == first + len(plan.entities)
         for sql, params in zip(plan.statements[:first], plan.params[:first], strict=True):
             await conn.fetch(sql, *params)
         for entity, sql, params in zip(plan.entities, plan.statements[first:],
@@ -74,38 +86,51 @@ async def _waiting_for_advisory_lock(conn: Any, other: Any) -> None:
     raise AssertionError("the other transaction never waited")
 
 
-async def test_scalar_update_refreshes_one_row(conn: Any) -> None:
-    counts = await run(conn, "UPDATE pl.tb_post SET title = 'P1b' WHERE pk_post = 1", {"post": {1}})
+async def test_scalar_update_refreshes_one_row(specs: Any, conn: Any) -> None:
+    counts = await run(conn, specs, "UPDATE pl.tb_post SET title = 'P1b' WHERE pk_post = 1", {"post": {1}})
     assert counts == {"post": (1, 0)}
 
 
-async def test_cascades_follow_embedding(conn: Any) -> None:
-    counts = await run(conn, "UPDATE pl.tb_user SET name = 'Alicia' WHERE pk_user = 1",
+async def test_cascades_follow_embedding(specs: Any, conn: Any) -> None:
+    counts = await run(conn, specs, "UPDATE pl.tb_user SET name = 'Alicia' WHERE pk_user = 1",
                        {"user": {1}})
     assert counts == {"user": (1, 0), "post": (2, 0)}  # posts 1 and 2, not 3
-    counts = await run(conn, "UPDATE pl.tb_company SET name = 'Acme Corp' WHERE pk_company = 1",
+    counts = await run(conn, specs, "UPDATE pl.tb_company SET name = 'Acme Corp' WHERE pk_company = 1",
                        {"company": {1}})
     assert counts == {"company": (1, 0), "user": (2, 0), "post": (3, 0)}  # R(user,3)=0
 
 
-async def test_insert_delete_move_and_aggregation(conn: Any) -> None:
-    await run(conn, "INSERT INTO pl.tb_post VALUES (4, DEFAULT, 3, 'P4')",
+async def test_insert_delete_move_and_aggregation(specs: Any, conn: Any) -> None:
+    await run(conn, specs, "INSERT INTO pl.tb_post VALUES (4, DEFAULT, 3, 'P4')",
               {"post": {4}})
     assert await conn.fetchval("SELECT data->'author'->'company'->>'name' FROM pl.tv_post "
                                "WHERE pk_post = 4") == "Globex"
     # comments are aggregated into their post: the comment's fk_post is the touched post key
-    counts = await run(conn, "INSERT INTO pl.tb_comment VALUES (3, DEFAULT, 2, 'c3')",
+    counts = await run(conn, specs, "INSERT INTO pl.tb_comment VALUES (3, DEFAULT, 2, 'c3')",
                        {"comment": {3}, "post": {2}})
     assert counts == {"post": (1, 0)}
-    counts = await run(conn, "UPDATE pl.tb_post SET fk_user = 3 WHERE pk_post = 1",
+    counts = await run(conn, specs, "UPDATE pl.tb_post SET fk_user = 3 WHERE pk_post = 1",
                        {"post": {1}})
     assert counts == {"post": (1, 0)}
-    counts = await run(conn, "DELETE FROM pl.tb_comment WHERE fk_post = 1; "
+    counts = await run(conn, specs, "DELETE FROM pl.tb_comment WHERE fk_post = 1; "
                              "DELETE FROM pl.tb_post WHERE pk_post = 1",
                        {"comment": {1, 2}, "post": {1}})
     assert counts == {"post": (0, 1)}
-    counts = await run(conn, "UPDATE pl.tb_post SET title = title WHERE pk_post = 2", {"post": {2}})
+    counts = await run(conn, specs, "UPDATE pl.tb_post SET title = title WHERE pk_post = 2", {"post": {2}})
     assert counts == {"post": (0, 0)}  # unchanged rows are skipped
+
+
+@pytest.mark.parametrize("isolation", ["read_committed", "repeatable_read"])
+async def test_key_sets_take_the_general_gate(specs: Any, conn: Any, isolation: str) -> None:
+    """Two posts at once: the general gate (sets of keys), with the parents' no-op UPDATEs
+    under REPEATABLE READ (through the catalog's function when there is one)."""
+    await conn.execute(f"SET default_transaction_isolation = '{isolation.replace('_', ' ')}'")
+    try:
+        counts = await run(conn, specs, "UPDATE pl.tb_post SET title = title || '!' WHERE "
+                                        "pk_post IN (1, 3)", {"post": {1, 3}})
+    finally:
+        await conn.execute("RESET default_transaction_isolation")
+    assert counts == {"post": (2, 0)}
 
 
 def test_nothing_affected_and_depth_limit() -> None:
@@ -116,7 +141,7 @@ def test_nothing_affected_and_depth_limit() -> None:
     assert err.value.sqlstate == "54001"
 
 
-async def test_gate_orders_refreshes_that_meet_in_a_row_one_cannot_see(pg: Any,
+async def test_gate_orders_refreshes_that_meet_in_a_row_one_cannot_see(specs: Any, pg: Any,
                                                                       conn: Any) -> None:
     """T1 inserts a post under user 3 while T2 renames user 3: T2's key sets cannot contain the
     post before T1 commits, T1's refresh cannot see the new name before T2 commits.  The gate
@@ -128,15 +153,15 @@ async def test_gate_orders_refreshes_that_meet_in_a_row_one_cannot_see(pg: Any,
         t1 = conn.transaction()
         await t1.start()
         await conn.execute("INSERT INTO pl.tb_post VALUES (4, DEFAULT, 3, 'P4')")
-        plan1 = plan_refresh(SPECS, ORDER, {"post": {4}}, TYPES, 0x7476)
-        assert plan1 is not None and plan1.first_refresh == 1  # gate (it sets the mode), refresh tv_post
-        for sql, params in zip(plan1.statements[:1], plan1.params[:1], strict=True):
+        plan1 = plan_refresh(specs, ORDER, {"post": {4}}, TYPES, 0x7476)
+        assert plan1 is not None and plan1.first_refresh == 2  # mode, gate, refresh tv_post
+        for sql, params in zip(plan1.statements[:2], plan1.params[:2], strict=True):
             await conn.fetch(sql, *params)  # the gate: post 4, and user 3 it reads (shared)
 
         async def rename() -> None:
             async with other.transaction():
                 await other.execute("UPDATE pl.tb_user SET name = 'Zed' WHERE pk_user = 3")
-                plan2 = plan_refresh(SPECS, ORDER, {"user": {3}}, TYPES, 0x7476)
+                plan2 = plan_refresh(specs, ORDER, {"user": {3}}, TYPES, 0x7476)
                 assert plan2 is not None
                 for sql, params in zip(plan2.statements, plan2.params, strict=True):
                     await other.fetch(sql, *params)
@@ -144,7 +169,7 @@ async def test_gate_orders_refreshes_that_meet_in_a_row_one_cannot_see(pg: Any,
         task = asyncio.ensure_future(rename())
         await _waiting_for_advisory_lock(conn, other)  # at its gate, for T1
         assert not task.done()
-        for sql, params in zip(plan1.statements[1:], plan1.params[1:], strict=True):
+        for sql, params in zip(plan1.statements[2:], plan1.params[2:], strict=True):
             await conn.fetch(sql, *params)
         await t1.commit()
         await asyncio.wait_for(task, 10)
@@ -158,7 +183,7 @@ async def test_gate_orders_refreshes_that_meet_in_a_row_one_cannot_see(pg: Any,
         await other.close()
 
 
-async def test_retitle_and_rename_of_its_author_meet_at_the_author(pg: Any, conn: Any) -> None:
+async def test_retitle_and_rename_of_its_author_meet_at_the_author(specs: Any, pg: Any, conn: Any) -> None:
     """T1 retitles post 1 (its author stays): its gate locks post 1 exclusive and its author and
     the author's company shared (under READ COMMITTED nothing is written for that).  T2
     renames user 1 meanwhile: it waits at its gate, so post 1 ends with the new title and the
@@ -170,9 +195,9 @@ async def test_retitle_and_rename_of_its_author_meet_at_the_author(pg: Any, conn
         t1 = conn.transaction()
         await t1.start()
         await conn.execute("UPDATE pl.tb_post SET title = 'P1 retitled' WHERE pk_post = 1")
-        plan1 = plan_refresh(SPECS, ORDER, {"post": {1}}, TYPES, 0x7476)
-        assert plan1 is not None and plan1.first_refresh == 1  # gate (it sets the mode), refresh
-        for sql, params in zip(plan1.statements[:1], plan1.params[:1], strict=True):
+        plan1 = plan_refresh(specs, ORDER, {"post": {1}}, TYPES, 0x7476)
+        assert plan1 is not None and plan1.first_refresh == 2  # mode, gate, refresh
+        for sql, params in zip(plan1.statements[:2], plan1.params[:2], strict=True):
             await conn.fetch(sql, *params)
         held = await conn.fetch("SELECT mode FROM pg_locks WHERE pid = pg_backend_pid() AND "
                                 "locktype = 'advisory'")
@@ -184,7 +209,7 @@ async def test_retitle_and_rename_of_its_author_meet_at_the_author(pg: Any, conn
         async def rename() -> None:
             async with other.transaction():
                 await other.execute("UPDATE pl.tb_user SET name = 'Alicia' WHERE pk_user = 1")
-                plan2 = plan_refresh(SPECS, ORDER, {"user": {1}}, TYPES, 0x7476)
+                plan2 = plan_refresh(specs, ORDER, {"user": {1}}, TYPES, 0x7476)
                 assert plan2 is not None
                 for sql, params in zip(plan2.statements, plan2.params, strict=True):
                     await other.fetch(sql, *params)
@@ -192,7 +217,7 @@ async def test_retitle_and_rename_of_its_author_meet_at_the_author(pg: Any, conn
         task = asyncio.ensure_future(rename())
         await _waiting_for_advisory_lock(conn, other)  # at its gate, for user 1
         assert not task.done()
-        for sql, params in zip(plan1.statements[1:], plan1.params[1:], strict=True):
+        for sql, params in zip(plan1.statements[2:], plan1.params[2:], strict=True):
             await conn.fetch(sql, *params)
         await t1.commit()
         await asyncio.wait_for(task, 10)
@@ -207,7 +232,7 @@ async def test_retitle_and_rename_of_its_author_meet_at_the_author(pg: Any, conn
         await other.close()
 
 
-async def test_rewritten_row_under_repeatable_read_fails_at_the_upsert(pg: Any,
+async def test_rewritten_row_under_repeatable_read_fails_at_the_upsert(specs: Any, pg: Any,
                                                                      conn: Any) -> None:
     """T1 (REPEATABLE READ) retitles post 1; T2 renames user 1, refreshes post 1 and commits
     after T1's snapshot.  T1's gate gives post 1 no no-op UPDATE any more: the refresh's
@@ -219,11 +244,11 @@ async def test_rewritten_row_under_repeatable_read_fails_at_the_upsert(pg: Any,
         await conn.execute("UPDATE pl.tb_post SET title = 'P1 retitled' WHERE pk_post = 1")
         async with other.transaction():
             await other.execute("UPDATE pl.tb_user SET name = 'Alicia' WHERE pk_user = 1")
-            plan2 = plan_refresh(SPECS, ORDER, {"user": {1}}, TYPES, 0x7476)
+            plan2 = plan_refresh(specs, ORDER, {"user": {1}}, TYPES, 0x7476)
             assert plan2 is not None
             for sql, params in zip(plan2.statements, plan2.params, strict=True):
                 await other.fetch(sql, *params)
-        plan1 = plan_refresh(SPECS, ORDER, {"post": {1}}, TYPES, 0x7476)
+        plan1 = plan_refresh(specs, ORDER, {"post": {1}}, TYPES, 0x7476)
         assert plan1 is not None
         with pytest.raises(asyncpg.SerializationError):
             for sql, params in zip(plan1.statements, plan1.params, strict=True):
@@ -237,7 +262,7 @@ async def test_rewritten_row_under_repeatable_read_fails_at_the_upsert(pg: Any,
         await other.close()
 
 
-async def test_gate_under_repeatable_read_fails_the_later_transaction(pg: Any,
+async def test_gate_under_repeatable_read_fails_the_later_transaction(specs: Any, pg: Any,
                                                                       conn: Any) -> None:
     """The same meeting under REPEATABLE READ: the second cannot see the first's writes in
     its snapshot, so it fails with 40001 (its client retries) instead of going stale."""
@@ -248,15 +273,15 @@ async def test_gate_under_repeatable_read_fails_the_later_transaction(pg: Any,
         t1 = conn.transaction(isolation="repeatable_read")
         await t1.start()
         await conn.execute("INSERT INTO pl.tb_post VALUES (4, DEFAULT, 3, 'P4')")
-        plan1 = plan_refresh(SPECS, ORDER, {"post": {4}}, TYPES, 0x7476)
+        plan1 = plan_refresh(specs, ORDER, {"post": {4}}, TYPES, 0x7476)
         assert plan1 is not None
-        for sql, params in zip(plan1.statements[:1], plan1.params[:1], strict=True):
+        for sql, params in zip(plan1.statements[:2], plan1.params[:2], strict=True):
             await conn.fetch(sql, *params)
 
         async def rename() -> None:
             async with other.transaction(isolation="repeatable_read"):
                 await other.execute("UPDATE pl.tb_user SET name = 'Zed' WHERE pk_user = 3")
-                plan2 = plan_refresh(SPECS, ORDER, {"user": {3}}, TYPES, 0x7476)
+                plan2 = plan_refresh(specs, ORDER, {"user": {3}}, TYPES, 0x7476)
                 assert plan2 is not None
                 for sql, params in zip(plan2.statements, plan2.params, strict=True):
                     await other.fetch(sql, *params)
@@ -264,7 +289,7 @@ async def test_gate_under_repeatable_read_fails_the_later_transaction(pg: Any,
         task = asyncio.ensure_future(rename())
         await _waiting_for_advisory_lock(conn, other)
         assert not task.done()
-        for sql, params in zip(plan1.statements[1:], plan1.params[1:], strict=True):
+        for sql, params in zip(plan1.statements[2:], plan1.params[2:], strict=True):
             await conn.fetch(sql, *params)
         await t1.commit()
         with pytest.raises(asyncpg.SerializationError):

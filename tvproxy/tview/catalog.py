@@ -151,6 +151,23 @@ async def ensure_guard(conn: Any, schema: str) -> str:
     return name
 
 
+TOUCH = "touch_row"  # (tv_ table, pk column, pk type, key) -> boolean: a no-op UPDATE of it
+
+
+async def ensure_touch(conn: Any, schema: str) -> str:
+    """The catalog's function giving one tv_ row a no-op UPDATE (the refresh gate calls it under
+    REPEATABLE READ only, so that under READ COMMITTED the gate opens no tv_ table at all),
+    created when missing, like :func:`ensure_guard`; its qualified name."""
+    name = f"{quote_ident(schema)}.{quote_ident(TOUCH)}"
+    if await conn.fetchval("SELECT to_regprocedure($1) IS NULL",
+                           f"{name}(regclass, text, regtype, text)"):
+        await conn.execute(
+            f"CREATE FUNCTION {name}(rel regclass, pk text, typ regtype, k text) RETURNS boolean"
+            f" LANGUAGE plpgsql VOLATILE AS $fn$BEGIN EXECUTE format('UPDATE %s t SET %I = t.%I"
+            f" WHERE t.%I = $1::%s', rel, pk, pk, pk, typ) USING k; RETURN true; END$fn$")
+    return name
+
+
 async def load_catalog(conn: Any, schema: str) -> list[CatalogEntry]:
     """Every TVIEW of the database ([] when the catalog does not exist yet)."""
     exists = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", f"{quote_ident(schema)}.tview")

@@ -39,6 +39,7 @@ from tvproxy.tview.catalog import (
     delete_entry,
     ensure_catalog,
     ensure_guard,
+    ensure_touch,
     load_catalog,
     read_generation,
     save_entry,
@@ -181,6 +182,7 @@ async def create_tview(conn: Any, ddl: str | CreateTview, schema: str = DEFAULT_
              "rules": [{"table": r.table, "entity": r.entity, "rule": r.rule,
                         "column": r.column, "via": r.via} for r in mapping.rules],
              "unmapped": sorted(set(base_sources) - mapped), "self_checked": True,
+             "touch": await ensure_touch(conn, schema),
              **({"tree": tree} if tree is not None else {})},
             mapping.strategy)
         await save_entry(conn, schema, entry)

@@ -142,7 +142,7 @@ def build_runtime(entries: Sequence[CatalogEntry], tables: Mapping[str, BaseTabl
         tree = _self_rule(cat, entry, own, mapping.get("tree"))
         spec = TviewSpec(entry.entity, entry.table_name, entry.view_name, entry.pk_column,
                          entry.pk_type, columns, tuple(embeds), mapping.get("schema", schema),
-                         tree)
+                         tree, mapping.get("touch"))
         cat.specs[entry.entity] = spec
         cat.key_types[entry.entity] = entry.pk_type
         tv = f"{q(spec.schema)}.{q(spec.table)}"

@@ -7,8 +7,9 @@ them once per server and PostgreSQL runs them from a generic plan:
 
 0. *mode*: ``plan_cache_mode = force_generic_plan`` for the rest of the transaction (the plan
    then never re-plans at a Bind; the COMMIT ends it; a mid-transaction plan restores the
-   client's value in a last statement).  A statement of its own only when there is no gate:
-   the gate sets it first.
+   client's value in a last statement).  A statement of its own: set inside the gate, it
+   would come too late for the gate's own Bind, which would then be planned at every COMMIT
+   (PostgreSQL keeps choosing custom plans for it).
 1. *gate*: transaction-scoped advisory locks, in one global order (entity rank, key):
    exclusive on every TVIEW key the transaction rewrites that is known before anything is read
    (the keys it names, parents of aggregated children it wrote), shared on the parents those
@@ -24,7 +25,9 @@ them once per server and PostgreSQL runs them from a generic plan:
    the transaction holds row locks on already).  First of all, a lock per TVIEW of the plan:
    shared, or exclusive for a TVIEW refreshed whole (every key, an opaque write): that one is
    never locked row by row (PostgreSQL's lock table would not hold a lock per row of a big
-   table), and it waits for, and holds off, every transaction refreshing rows of it.
+   table), and it waits for, and holds off, every transaction refreshing rows of it.  With one
+   key per TVIEW (the common OLTP commit) the gate is one target list of lock calls, its
+   parents read by fk in scalar subqueries: no CTE, sort or aggregate to start.
 2. *expand*: exclusive locks on the rows that embed a rewritten parent (``tv_e`` rows whose
    ``fk_`` column names it, transitively; in a self-referencing TVIEW, the rows of it the keys
    reach through its own fk), computed after the gate, so a parent's children are found once
@@ -40,7 +43,10 @@ Under REPEATABLE READ and SERIALIZABLE the snapshot predates the locks: the late
 transactions that meet on a row fails with 40001 (PostgreSQL's rule for concurrent updates) and
 its client retries.  On a rewritten row the refresh's own upsert or delete raises it (ON
 CONFLICT DO UPDATE of a row version the snapshot does not see); the gate gives the tv_ rows it
-locks shared a no-op UPDATE, so that a rewriter of one whose snapshot is older fails in turn.
+locks shared a no-op UPDATE, so that a rewriter of one whose snapshot is older fails in turn:
+through the catalog's ``touch_row`` function, called only then and in (rank, key) order (two
+readers of the same parents meet in the same order), or, in a catalog older than it, as
+UPDATE CTEs (which PostgreSQL starts under READ COMMITTED too).
 
 Identifiers are quoted here; key values are always bound parameters (arrays).
 """
@@ -56,9 +62,8 @@ from tvproxy.tview.analyze import quote_ident as q
 from tvproxy.tview.selfterms import UNBOUNDED
 from tvproxy.tview.treekeys import SelfRule, self_keys, walk_keys
 
-_MODE = ("set_config('tvproxy.plan_cache_mode', current_setting('plan_cache_mode'), true), "
-         "set_config('plan_cache_mode', 'force_generic_plan', true)")
-MODE_SQL = f"SELECT {_MODE}"
+MODE_SQL = ("SELECT set_config('tvproxy.plan_cache_mode', current_setting('plan_cache_mode'),"
+            " true), set_config('plan_cache_mode', 'force_generic_plan', true)")
 RESTORE_SQL = ("SELECT set_config('plan_cache_mode', current_setting('tvproxy.plan_cache_mode'),"
                " true)")
 
@@ -74,6 +79,7 @@ class TviewSpec:
     embeds: tuple[tuple[str, str], ...] = ()  # (fk column of tv_e, parent entity)
     schema: str = "public"
     tree: SelfRule | None = None  # it reads other rows of its own base table
+    touch: str | None = None  # the catalog's no-op UPDATE of one tv_ row (catalog.ensure_touch)
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,10 @@ class RefreshPlan:
     first_refresh: int = 0  # index of the first per-TVIEW refresh statement
     names: tuple[bytes, ...] = ()  # prepared-statement name of each statement (by digest)
     full: tuple[str, ...] = ()  # entities refreshed fully (every key, or opaque conditions)
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
 
 
 def statement_name(sql: str) -> bytes:
@@ -151,9 +161,11 @@ class _Touch:
     named: bool
     every: bool
     conditions: tuple[str, ...]
+    one: bool = False  # a single key
 
 
 _NAMED = _Touch(True, False, ())
+_NAMED_ONE = _Touch(True, False, (), True)
 
 
 def _plain(keys: Collection[Hashable]) -> bool:
@@ -165,7 +177,7 @@ def _shape(touched: Mapping[str, Collection[Hashable]]) -> tuple[tuple[str, _Tou
     out = []
     for e, keys in touched.items():
         if _plain(keys):
-            out.append((e, _NAMED))
+            out.append((e, _NAMED_ONE if len(keys) == 1 else _NAMED))
             continue
         every = ALL_KEYS in keys
         conds = () if every else tuple(sorted({k.condition for k in keys
@@ -354,14 +366,13 @@ class _Builder:
                    for child, _ in self.derived.get(e, ()))
 
     def _locks(self, rows: list[tuple[str, str, bool]],
-               whole: Sequence[tuple[str, bool]] = (), mode: bool = False) -> str:
+               whole: Sequence[tuple[str, bool]] = ()) -> str:
         """CTEs ``w`` (a lock per TVIEW of the plan, first: exclusive on one refreshed whole,
         shared otherwise), ``g`` (rank, key, exclusive) and ``c`` (the key locks, in global
         order), then the no-op UPDATEs of the rows locked shared under REPEATABLE READ and
-        SERIALIZABLE; ``mode``: ``m`` sets the plan mode first.
+        SERIALIZABLE.
         Key lock ``(lock_namespace, hash)``, TVIEW lock ``(lock_namespace + 1, rank)``."""
-        ctes = [f"m AS MATERIALIZED (SELECT {_MODE})"] if mode else []
-        last = ", m" if mode else ""
+        ctes = []
         after = ""
         if whole:
             order = sorted((self.rank[e], x) for e, x in whole)
@@ -372,7 +383,7 @@ class _Builder:
                 f" AS n FROM (SELECT r, x FROM (VALUES {values}) v(r, x) ORDER BY r) o)")
             after = " WHERE (SELECT n FROM w) >= 0"
             if not rows:
-                return f"WITH {', '.join(ctes)} SELECT n FROM w{last}"
+                return f"WITH {ctes[0]} SELECT n FROM w"
         union = " UNION ALL ".join(
             f"SELECT {self.rank[e]} AS r, k::{self.specs[e].pk_type}::text AS k, {str(x).lower()}"
             f" AS x FROM ({sql}) s(k)" for e, sql, x in rows)
@@ -382,8 +393,26 @@ class _Builder:
         # rewriter of one whose snapshot predates it fails with 40001, and so does this one
         # if a rewriter committed after its snapshot.  Rewritten rows need none: the refresh's
         # upsert or delete fails the same way
+        ctes += [f"g AS MATERIALIZED (SELECT r, k, bool_or(x) AS x FROM ({union}) l "
+                 f"WHERE k IS NOT NULL GROUP BY r, k)",
+                 f"c AS MATERIALIZED (SELECT count({lock}) AS n FROM "
+                 f"(SELECT r, k, x FROM g{after} ORDER BY r, k) o)"]
+        shared = list(dict.fromkeys(e for e, _, x in rows if not x))
+        touch = self.specs[shared[0]].touch if shared else None
+        if touch is not None and all(self.specs[e].touch == touch for e in shared):
+            # the catalog's function, in (rank, key) order like the one-key gate's: readers of
+            # one parent then meet in the same order, and READ COMMITTED opens no tv_ table
+            meta = ", ".join(
+                f"({self.rank[e]}, {_literal(f'{q(sp.schema)}.{q(sp.table)}')}, "
+                f"{_literal(sp.pk)}, {_literal(sp.pk_type)})"
+                for e in shared for sp in (self.specs[e],))
+            return (f"WITH {', '.join(ctes)} SELECT n, CASE WHEN current_setting("
+                    f"'transaction_isolation') <> 'read committed' THEN (SELECT count({touch}("
+                    f"o.tv::regclass, o.pk, o.typ::regtype, o.k)) FROM (SELECT g.r, g.k, m.tv, "
+                    f"m.pk, m.typ FROM g JOIN (VALUES {meta}) m(r, tv, pk, typ) ON m.r = g.r "
+                    f"WHERE NOT g.x ORDER BY g.r, g.k) o) END FROM c")
         bumps = []
-        for e in dict.fromkeys(e for e, _, x in rows if not x):
+        for e in shared:
             spec = self.specs[e]
             tv, pk = f"{q(spec.schema)}.{q(spec.table)}", q(spec.pk)
             bumps.append(f"b{self.rank[e]} AS (UPDATE {tv} t SET {pk} = t.{pk} WHERE "
@@ -391,13 +420,12 @@ class _Builder:
                          f"(SELECT n FROM c) >= 0 AND "  # after the locks: no deadlock
                          f"t.{pk} IN (SELECT k::{spec.pk_type} FROM g WHERE r = {self.rank[e]}"
                          f" AND NOT x))")
-        ctes += [f"g AS MATERIALIZED (SELECT r, k, bool_or(x) AS x FROM ({union}) l "
-                 f"WHERE k IS NOT NULL GROUP BY r, k)",
-                 f"c AS MATERIALIZED (SELECT count({lock}) AS n FROM "
-                 f"(SELECT r, k, x FROM g{after} ORDER BY r, k) o)", *bumps]
-        return f"WITH {', '.join(ctes)} SELECT n FROM c{last}"
+        return f"WITH {', '.join([*ctes, *bumps])} SELECT n FROM c"
 
     def gate(self, entities: Sequence[str]) -> tuple[str, _Params] | None:
+        one = self._gate_one(entities)
+        if one is not None:
+            return one
         p = _Params(self.types)
         rows: list[tuple[str, str, bool]] = []
         needed = False
@@ -435,7 +463,82 @@ class _Builder:
                 needed = True
         if not needed:
             return None
-        return self._locks(rows, whole, mode=True), p
+        return self._locks(rows, whole), p
+
+    def _gate_one(self, entities: Sequence[str]) -> tuple[str, _Params] | None:
+        """The gate when every key it locks is one value a scalar expression gives (one key
+        named per TVIEW, its parents by their fk): the lock calls in (rank, key) order in one
+        target list, no CTE, sort or aggregate (the general gate costs PostgreSQL about three
+        times as much to start and run).  Under REPEATABLE READ the rows locked shared get
+        their no-op UPDATE from the catalog's function, called only then.  None: use the
+        general gate."""
+        p = _Params(self.types)
+        rows: list[tuple[str, str, bool]] = []  # (entity, scalar SQL, exclusive)
+        embedded = {parent for s in self.specs.values() for _, parent in s.embeds}
+        needed = False
+
+        def up(e: str, expr: str, seen: tuple[str, ...]) -> bool:
+            spec = self.specs[e]
+            for fk, parent in spec.embeds:
+                if parent in self.specs and parent not in seen:
+                    src = self.fk_sources.get((e, fk)) or (
+                        f"SELECT v.{q(fk)} FROM {q(spec.schema)}.{q(spec.view)} v WHERE "
+                        f"v.{q(spec.pk)} IN ({{keys}})")
+                    if self.specs[parent].touch is None or "IN ({keys})" not in src:
+                        return False
+                    pexpr = f"({src.replace('IN ({keys})', f'= {expr}')})"
+                    rows.append((parent, pexpr, False))
+                    if not up(parent, pexpr, (*seen, parent)):
+                        return False
+            return True
+
+        for e in entities:
+            spec, t = self.specs[e], self.shape.get(e)
+            if any(c in self.shape for c, _ in self.derived.get(e, ())):
+                return None  # parents of aggregated children: a set
+            if t is None:
+                continue
+            if not t.one or spec.tree is not None or self.full_reach(e):
+                return None
+            expr = f"({p.array(e)})[1]"
+            rows.append((e, expr, True))
+            if not up(e, expr, (e,)):
+                return None
+            if spec.embeds or e in embedded:
+                needed = True
+        if not needed:
+            return None
+        calls = [f"pg_advisory_xact_lock_shared({self.ns + 1}, {r})"
+                 for r in sorted(self.rank[e] for e in entities)]
+        by_rank: dict[int, list[tuple[str, bool]]] = {}
+        for e, expr, x in rows:
+            by_rank.setdefault(self.rank[e], []).append(
+                (f"({expr})::{self.specs[e].pk_type}::text", x))
+        for r in sorted(by_rank):
+            keys = by_rank[r]
+            if len(keys) == 1:
+                k, x = keys[0]
+                fn = "pg_advisory_xact_lock" if x else "pg_advisory_xact_lock_shared"
+                calls.append(f"{fn}({self.ns}, hashtext('{r}:' || {k}))")
+                continue
+            values = ", ".join(f"({k}, {str(x).lower()})" for k, x in keys)
+            calls.append(
+                f"(SELECT count(CASE WHEN x THEN pg_advisory_xact_lock({self.ns}, "
+                f"hashtext('{r}:' || k)) ELSE pg_advisory_xact_lock_shared({self.ns}, "
+                f"hashtext('{r}:' || k)) END) FROM (SELECT k, bool_or(x) AS x FROM (VALUES "
+                f"{values}) v(k, x) WHERE k IS NOT NULL GROUP BY k ORDER BY k) o)")
+        if any(not x for _, _, x in rows):  # after the locks, in (rank, key) order
+            values = ", ".join(
+                f"({self.rank[e]}, {_literal(f'{q(sp.schema)}.{q(sp.table)}')}, "
+                f"{_literal(sp.pk)}, {_literal(sp.pk_type)}, ({expr})::{sp.pk_type}::text, "
+                f"{str(x).lower()})" for e, expr, x in rows for sp in (self.specs[e],))
+            touch = next(self.specs[e].touch for e, _, x in rows if not x)
+            calls.append(
+                f"CASE WHEN current_setting('transaction_isolation') <> 'read committed' THEN "
+                f"(SELECT count({touch}(tv::regclass, pk, typ::regtype, k)) FROM (SELECT r, tv,"
+                f" pk, typ, k FROM (VALUES {values}) v(r, tv, pk, typ, k, x) WHERE k IS NOT "
+                f"NULL GROUP BY r, tv, pk, typ, k HAVING NOT bool_or(x) ORDER BY r, k) o) END")
+        return f"SELECT {', '.join(calls)}", p
 
     def expand(self, entities: Sequence[str]) -> tuple[str, _Params] | None:
         p = _Params(self.types)
@@ -551,10 +654,9 @@ def _template(specs: Mapping[str, TviewSpec], order: Sequence[str],
         return None
     b = _Builder(specs, order, shape, key_types, lock_namespace, reach, all_keys, derived,
                  fk_sources, max_depth)
-    gate = b.gate(entities)  # it sets the mode itself
-    statements: list[str] = [] if gate is not None else [MODE_SQL]
-    slots: list[tuple[str, ...]] = [] if gate is not None else [()]
-    for part in (gate, b.expand(entities)):
+    statements: list[str] = [MODE_SQL]
+    slots: list[tuple[str, ...]] = [()]
+    for part in (b.gate(entities), b.expand(entities)):
         if part is not None:
             statements.append(part[0])
             slots.append(tuple(part[1].slots))
