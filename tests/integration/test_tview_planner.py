@@ -65,12 +65,17 @@ async def run(conn: Any, specs: Any, writes: str, touched: dict[str, set[int]]) 
                                        plan.params[first:], strict=True):
             row = await conn.fetchrow(sql, *params)
             counts[entity] = (row["upserted"], row["deleted"])
+    await _assert_fresh(conn)
+    return counts
+
+
+async def _assert_fresh(conn: Any) -> None:
+    """The oracle: every tv_ table equals its view."""
     for e in ORDER:
         drift = await conn.fetchval(
             f"SELECT count(*) FROM ((TABLE pl.tv_{e} EXCEPT TABLE pl.v_{e}) UNION ALL "
             f"(TABLE pl.v_{e} EXCEPT TABLE pl.tv_{e})) d")
         assert drift == 0, f"tv_{e} drifted from v_{e}"
-    return counts
 
 
 async def _waiting_for_advisory_lock(conn: Any, other: Any) -> None:
@@ -175,10 +180,7 @@ async def test_gate_orders_refreshes_that_meet_in_a_row_one_cannot_see(specs: An
         await asyncio.wait_for(task, 10)
         assert await conn.fetchval("SELECT data->'author'->>'name' FROM pl.tv_post WHERE "
                                    "pk_post = 4") == "Zed"
-        for e in ORDER:
-            assert await conn.fetchval(
-                f"SELECT count(*) FROM ((TABLE pl.tv_{e} EXCEPT TABLE pl.v_{e}) UNION ALL "
-                f"(TABLE pl.v_{e} EXCEPT TABLE pl.tv_{e})) d") == 0
+        await _assert_fresh(conn)
     finally:
         await other.close()
 
@@ -224,10 +226,7 @@ async def test_retitle_and_rename_of_its_author_meet_at_the_author(specs: Any, p
         row = await conn.fetchrow("SELECT data->>'title' AS t, data->'author'->>'name' AS a "
                                   "FROM pl.tv_post WHERE pk_post = 1")
         assert (row["t"], row["a"]) == ("P1 retitled", "Alicia")
-        for e in ORDER:
-            assert await conn.fetchval(
-                f"SELECT count(*) FROM ((TABLE pl.tv_{e} EXCEPT TABLE pl.v_{e}) UNION ALL "
-                f"(TABLE pl.v_{e} EXCEPT TABLE pl.tv_{e})) d") == 0
+        await _assert_fresh(conn)
     finally:
         await other.close()
 
@@ -254,10 +253,7 @@ async def test_rewritten_row_under_repeatable_read_fails_at_the_upsert(specs: An
             for sql, params in zip(plan1.statements, plan1.params, strict=True):
                 await conn.fetch(sql, *params)
         await t1.rollback()
-        for e in ORDER:
-            assert await conn.fetchval(
-                f"SELECT count(*) FROM ((TABLE pl.tv_{e} EXCEPT TABLE pl.v_{e}) UNION ALL "
-                f"(TABLE pl.v_{e} EXCEPT TABLE pl.tv_{e})) d") == 0
+        await _assert_fresh(conn)
     finally:
         await other.close()
 
@@ -294,9 +290,6 @@ async def test_gate_under_repeatable_read_fails_the_later_transaction(specs: Any
         await t1.commit()
         with pytest.raises(asyncpg.SerializationError):
             await asyncio.wait_for(task, 10)
-        for e in ORDER:
-            assert await conn.fetchval(
-                f"SELECT count(*) FROM ((TABLE pl.tv_{e} EXCEPT TABLE pl.v_{e}) UNION ALL "
-                f"(TABLE pl.v_{e} EXCEPT TABLE pl.tv_{e})) d") == 0
+        await _assert_fresh(conn)
     finally:
         await other.close()

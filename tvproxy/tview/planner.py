@@ -403,9 +403,7 @@ class _Builder:
             # the catalog's function, in (rank, key) order like the one-key gate's: readers of
             # one parent then meet in the same order, and READ COMMITTED opens no tv_ table
             meta = ", ".join(
-                f"({self.rank[e]}, {_literal(f'{q(sp.schema)}.{q(sp.table)}')}, "
-                f"{_literal(sp.pk)}, {_literal(sp.pk_type)})"
-                for e in shared for sp in (self.specs[e],))
+                f"({self._touch_row(e)})" for e in shared)
             return (f"WITH {', '.join(ctes)} SELECT n, CASE WHEN current_setting("
                     f"'transaction_isolation') <> 'read committed' THEN (SELECT count({touch}("
                     f"o.tv::regclass, o.pk, o.typ::regtype, o.k)) FROM (SELECT g.r, g.k, m.tv, "
@@ -422,6 +420,24 @@ class _Builder:
                          f" AND NOT x))")
         return f"WITH {', '.join([*ctes, *bumps])} SELECT n FROM c"
 
+    def _embedded(self) -> set[str]:
+        return {parent for s in self.specs.values() for _, parent in s.embeds}
+
+    def _parent_keys(self, e: str, fk: str) -> str:
+        """SELECT of the parent keys (column ``fk``) of the rows of ``e`` named ``{keys}``: from
+        its own base table when the catalog knows it, else from its view."""
+        spec = self.specs[e]
+        return self.fk_sources.get((e, fk)) or (
+            f"SELECT v.{q(fk)} FROM {q(spec.schema)}.{q(spec.view)} v WHERE v.{q(spec.pk)} IN "
+            f"({{keys}})")
+
+    def _touch_row(self, e: str) -> str:
+        """``rank, tv_ table, pk column, pk type`` of ``e`` as SQL literals (the arguments of
+        the catalog's touch function but the key)."""
+        sp = self.specs[e]
+        return (f"{self.rank[e]}, {_literal(f'{q(sp.schema)}.{q(sp.table)}')}, "
+                f"{_literal(sp.pk)}, {_literal(sp.pk_type)}")
+
     def gate(self, entities: Sequence[str]) -> tuple[str, _Params] | None:
         one = self._gate_one(entities)
         if one is not None:
@@ -431,17 +447,13 @@ class _Builder:
         needed = False
 
         def up(e: str, sql: str, seen: tuple[str, ...]) -> None:
-            spec = self.specs[e]
-            view = f"{q(spec.schema)}.{q(spec.view)}"
-            for fk, parent in spec.embeds:
+            for fk, parent in self.specs[e].embeds:
                 if parent in self.specs and parent not in seen:
-                    src = self.fk_sources.get((e, fk))
-                    psql = (src.replace("{keys}", sql) if src is not None else
-                            f"SELECT v.{q(fk)} FROM {view} v WHERE v.{q(spec.pk)} IN ({sql})")
+                    psql = self._parent_keys(e, fk).replace("{keys}", sql)
                     rows.append((parent, psql, False))
                     up(parent, psql, (*seen, parent))
 
-        embedded = {parent for s in self.specs.values() for _, parent in s.embeds}
+        embedded = self._embedded()
         whole = [(e, self.full_reach(e)) for e in entities]
         for e, full in whole:
             if full:  # locked whole, exclusive: no lock per row
@@ -474,16 +486,13 @@ class _Builder:
         general gate."""
         p = _Params(self.types)
         rows: list[tuple[str, str, bool]] = []  # (entity, scalar SQL, exclusive)
-        embedded = {parent for s in self.specs.values() for _, parent in s.embeds}
+        embedded = self._embedded()
         needed = False
 
         def up(e: str, expr: str, seen: tuple[str, ...]) -> bool:
-            spec = self.specs[e]
-            for fk, parent in spec.embeds:
+            for fk, parent in self.specs[e].embeds:
                 if parent in self.specs and parent not in seen:
-                    src = self.fk_sources.get((e, fk)) or (
-                        f"SELECT v.{q(fk)} FROM {q(spec.schema)}.{q(spec.view)} v WHERE "
-                        f"v.{q(spec.pk)} IN ({{keys}})")
+                    src = self._parent_keys(e, fk)
                     if self.specs[parent].touch is None or "IN ({keys})" not in src:
                         return False
                     pexpr = f"({src.replace('IN ({keys})', f'= {expr}')})"
@@ -529,9 +538,8 @@ class _Builder:
                 f"{values}) v(k, x) WHERE k IS NOT NULL GROUP BY k ORDER BY k) o)")
         if any(not x for _, _, x in rows):  # after the locks, in (rank, key) order
             values = ", ".join(
-                f"({self.rank[e]}, {_literal(f'{q(sp.schema)}.{q(sp.table)}')}, "
-                f"{_literal(sp.pk)}, {_literal(sp.pk_type)}, ({expr})::{sp.pk_type}::text, "
-                f"{str(x).lower()})" for e, expr, x in rows for sp in (self.specs[e],))
+                f"({self._touch_row(e)}, ({expr})::{self.specs[e].pk_type}::text, "
+                f"{str(x).lower()})" for e, expr, x in rows)
             touch = next(self.specs[e].touch for e, _, x in rows if not x)
             calls.append(
                 f"CASE WHEN current_setting('transaction_isolation') <> 'read committed' THEN "
