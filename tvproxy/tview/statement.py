@@ -215,10 +215,16 @@ class Analyzer:
         self._exact: dict[str, Statement] = {}  # texts without literals, and odd ones
         self._shapes: dict[str, _Shape | None] = {}  # None: its texts are parsed one by one
         self._direct: dict[Kind, Statement] = {}
+        # texts whose literals hold no key (a parameterised statement with a constant in it,
+        # as drivers send them at every Bind): their Statement, without normalising again
+        self._fixed: dict[str, Statement] = {}
         self.parses = 0  # pglast parses so far (for tests and measurements)
+        self.normalized = 0  # texts normalised so far (for tests and measurements)
 
     def analyze(self, sql: str) -> Statement:
         hit = self._exact.get(sql)
+        if hit is None:
+            hit = self._fixed.get(sql)
         if hit is not None:
             return hit
         low = sql.lower()
@@ -230,6 +236,7 @@ class Analyzer:
             if st is None:
                 st = self._direct[kind] = Statement(kind)
             return st
+        self.normalized += 1
         try:
             shape = normalize(sql)
         except ParseError:
@@ -250,6 +257,7 @@ class Analyzer:
             _put(self._exact, sql, entry.statement)
             return entry.statement
         if not entry.slots:
+            _put(self._fixed, sql, entry.statement)
             return entry.statement
         if spans is None:
             spans = literal_spans(sql, shape)
