@@ -216,7 +216,7 @@ class Analyzer:
         self._shapes: dict[str, _Shape | None] = {}  # None: its texts are parsed one by one
         self._direct: dict[Kind, Statement] = {}
         # texts whose literals hold no key (a parameterised statement with a constant in it,
-        # as drivers send them at every Bind): their Statement, without normalising again
+        # as drivers send them at every Parse): their Statement, without normalising again
         self._fixed: dict[str, Statement] = {}
         self.parses = 0  # pglast parses so far (for tests and measurements)
         self.normalized = 0  # texts normalised so far (for tests and measurements)
