@@ -160,10 +160,17 @@ _TEMPLATES = [
     "BEGIN; UPDATE tb_user SET name = {0} WHERE pk_user = {1}; SAVEPOINT a",
     "WITH x AS (UPDATE tb_post SET title = {0} WHERE pk_post = {1} RETURNING 1) SELECT * FROM x",
     "SELECT data FROM tv_post WHERE pk_post = {1}; UPDATE tb_post SET title={0} WHERE pk_post=$1",
+    # where a shape's pattern could cut a text other than the lexer does: next to operators,
+    # comments, a string continued on the next line, a minus sign
+    "UPDATE tb_user SET email = {0}||'x' WHERE pk_user={1} -- 7 {0}\n",
+    "UPDATE tb_user SET email = {0}\n'more' WHERE pk_user = -{1}",
+    "DELETE FROM tb_post WHERE pk_post = {1}/*{0}*/;",
+    "DELETE FROM tb_post WHERE pk_post = {1}-{0} ;",
+    "UPDATE tb_post SET title = e{0} WHERE pk_post = {1}",
 ]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=600, deadline=None)
 @given(st.sampled_from(_TEMPLATES), _KEY, _KEY)
 def test_same_answer_as_parsing_each_text(template: str, a: str, b: str) -> None:
     sql = template.format(a, b)
@@ -198,3 +205,29 @@ def test_a_parameterised_text_with_a_constant_is_normalised_once() -> None:
         st = a.analyze(f"UPDATE tb_post SET title = 'title ' || $1 WHERE pk_post = {i};")
         assert st.writes[0].keys == (KeyRef(value=i),)
     assert a.normalized == 4
+
+
+def test_the_texts_of_a_shape_are_read_without_aligning_them() -> None:
+    """After the first text of a shape, the literals of the next ones are found by the shape's
+    own pattern (one regular expression), not by aligning the text with its normalised form."""
+    import tvproxy.tview.statement as statement
+
+    a = analyzer()
+    calls = []
+    real = statement.literal_spans
+
+    def counting(sql: str, shape: str) -> list[tuple[int, int, int]] | None:
+        calls.append(sql)
+        return real(sql, shape)
+
+    statement.literal_spans = counting  # type: ignore[assignment]
+    try:
+        for i in range(1, 6):
+            got = a.analyze(f"UPDATE tb_user SET email = 'u{i}' || {i * 7} WHERE pk_user = {i};")
+            assert got.writes[0].keys == (KeyRef(value=i),)
+        # a negative key is not a plain integer: aligned, and still read right
+        got = a.analyze("UPDATE tb_user SET email = 'u' || 3 WHERE pk_user = -4;")
+        assert got.writes[0].keys == (KeyRef(value=-4),)
+    finally:
+        statement.literal_spans = real  # type: ignore[assignment]
+    assert len(calls) == 2 and a.parses == 1

@@ -17,7 +17,8 @@ Cost, cheapest first:
 3. Otherwise the text is normalised (``pglast.parser.normalize``: literals become ``$n``, in C,
    without building a Python syntax tree); texts that differ only in their literal values share
    one entry, and the keys are read from the literals of the actual text (their spans are
-   found by aligning the text with its normalised form).
+   found by the shape's pattern, one regular expression made from its first text, or by
+   aligning the text with its normalised form when the pattern does not apply).
 4. Only the first text of a shape is parsed with pglast (the normalised text is parsed, so a
    literal key shows up as a placeholder parameter, i.e. as a position to read).
 """
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Protocol
 
 import pglast
@@ -196,6 +197,56 @@ class _Shape:
     # (write index, key index, placeholder number) of each key that is a literal
     slots: tuple[tuple[int, int, int], ...]
     placeholders: frozenset[int]  # numbers of the normalised text standing for literals
+    # the texts of this shape as a regular expression, one group per literal (the text around
+    # them is the first text's own), with the placeholder number of each group; None when a
+    # literal of the first text is not a plain integer or string (then literal_spans aligns)
+    pattern: re.Pattern[str] | None = None
+    numbers: tuple[int, ...] = ()
+
+    def spans(self, sql: str, shape: str) -> list[tuple[int, int, int]] | None:
+        """Where the literals of ``sql`` (a text of this shape) are, as literal_spans."""
+        if self.pattern is not None:
+            m = self.pattern.fullmatch(sql)
+            if m is not None:
+                return [(m.start(g), m.end(g), k) for g, k in enumerate(self.numbers, 1)]
+        return literal_spans(sql, shape)
+
+
+# the literal forms a shape's pattern matches, with what may not stand around them (so that
+# the pattern cuts a text exactly where PostgreSQL's lexer does): an integer not next to a
+# word character, '.' or '$'; a plain string not preceded by a word character, '&' or '$'
+# (E'', U&'', B'', $$ quoting) and not continued on a next line ('a'\n'b' is one literal)
+_INT_SLOT = r"(\d+)(?![\w.$])"
+_STR_SLOT = r"('(?:[^']|'')*')(?![ \t\r\f]*\n\s*')"
+_WORD_BEFORE = re.compile(r"[\w&$'\-/*]\Z")
+
+
+def _pattern(sql: str, spans: list[tuple[int, int, int]]) -> re.Pattern[str] | None:
+    """The texts sharing the shape of ``sql`` (literals at ``spans``) as one expression, or
+    None when a literal is not a plain integer or string, or sits where the pattern could
+    cut another text differently (next to a word, an operator character or a quote)."""
+    parts = []
+    at = 0
+    for start, end, _k in spans:
+        lit = sql[start:end]
+        before = sql[at:start]
+        if _WORD_BEFORE.search(before) or (not before and start > 0):
+            return None
+        if lit.isdigit() and lit.isascii():
+            slot = _INT_SLOT
+        elif _PLAIN_STRING.fullmatch(lit):
+            slot = _STR_SLOT
+        else:
+            return None
+        parts += [re.escape(before), slot]
+        at = end
+    parts.append(re.escape(sql[at:]))
+    pattern = re.compile("".join(parts), re.DOTALL)
+    m = pattern.fullmatch(sql)
+    if m is None or [(m.start(g), m.end(g)) for g in range(1, len(spans) + 1)] != [
+            (s, e) for s, e, _k in spans]:
+        return None
+    return pattern
 
 
 MAX_ENTRIES = 4096
@@ -245,7 +296,7 @@ class Analyzer:
         spans = None
         if entry is _MISSING:
             spans = literal_spans(sql, shape)
-            entry = self._shape(shape, spans) if spans is not None else None
+            entry = self._shape(shape, sql, spans) if spans is not None else None
             if shape != sql or entry is None:
                 # a text without literals (its $n are parameters) says nothing of where the
                 # literals of the texts sharing its shape are: only it is cached (below)
@@ -260,7 +311,7 @@ class Analyzer:
             _put(self._fixed, sql, entry.statement)
             return entry.statement
         if spans is None:
-            spans = literal_spans(sql, shape)
+            spans = entry.spans(sql, shape)
             if spans is None:
                 return self._parse_exact(sql)
         st = _instantiate(entry, sql, spans)
@@ -270,7 +321,7 @@ class Analyzer:
 
     def _candidates(self, sql: str, low: str) -> int:
         """What the text may be, from first keywords and substrings (a superset)."""
-        if ";" in low:
+        if ";" in low and ";" in low.rstrip().rstrip(";"):  # not only a closing ';'
             words = set(_FIRST_WORDS.findall(low))
         else:
             m = _FIRST_WORDS.match(low)
@@ -321,9 +372,9 @@ class Analyzer:
             kind |= Kind.WRITE
         return Statement(kind, tuple(commands), tuple(writes))
 
-    def _shape(self, shape: str, spans: list[tuple[int, int, int]]) -> _Shape | None:
-        """Parse a normalised text once for all the texts that share it (``spans``: the
-        literals of the first of them, telling which ``$n`` stand for literals)."""
+    def _shape(self, shape: str, sql: str, spans: list[tuple[int, int, int]]) -> _Shape | None:
+        """Parse a normalised text once for all the texts that share it (``sql``, the first of
+        them, with its literals at ``spans``, telling which ``$n`` stand for literals)."""
         self.parses += 1
         try:
             stmts = pglast.parse_sql(shape)
@@ -338,7 +389,8 @@ class Analyzer:
             for ki, ref in enumerate(w.keys or ()):
                 if ref.param is not None and ref.param in placeholders:
                     slots.append((wi, ki, ref.param))
-        return _Shape(st, tuple(slots), placeholders)
+        pattern = _pattern(sql, spans) if slots and shape != sql else None
+        return _Shape(st, tuple(slots), placeholders, pattern, tuple(k for _s, _e, k in spans))
 
     def _parse_exact(self, sql: str) -> Statement:
         """A text analysed on its own (cached by its text)."""
@@ -376,18 +428,16 @@ def _instantiate(entry: _Shape, sql: str, spans: list[tuple[int, int, int]]) -> 
         span = by_number.get(number)
         if span is None:
             return None
-        w = writes[wi]
         refs = keys.get(wi)
         if refs is None:
-            refs = keys[wi] = list(w.keys or ())
-        ref = refs[ki]
+            refs = keys[wi] = list(writes[wi].keys or ())
         value = literal_value(sql[span[0]:span[1]])
         if value is UNSURE:
             return None
-        if value is NOT_A_KEY or ref.array:
+        if value is NOT_A_KEY or refs[ki].array:
             unknown.add(wi)  # as pglast reads it: no key, so the keys are not known
             continue
         refs[ki] = KeyRef(value=value)  # type: ignore[arg-type]
     for wi, refs in keys.items():
-        writes[wi] = replace(writes[wi], keys=None if wi in unknown else tuple(refs))
+        writes[wi] = writes[wi].with_keys(None if wi in unknown else tuple(refs))
     return Statement(entry.statement.kind, entry.statement.commands, tuple(writes))
