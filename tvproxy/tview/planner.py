@@ -595,7 +595,11 @@ class _Builder:
             f" up AS (INSERT INTO {tv} AS t ({cols}) SELECT {cols} FROM src"
             f" ON CONFLICT ({pk}) DO UPDATE SET {assign}"
             f" WHERE ROW({old}) IS DISTINCT FROM ROW({new}) RETURNING 1),"
-            f" del AS (DELETE FROM {tv} t WHERE t.{pk} IN (SELECT pk FROM k)"
+            # a key missing from src is a row to delete; with as many src rows as keys there
+            # is none (src has one row per key at most: the upsert fails on a second one), and
+            # the one-time filter skips the delete's lookups of the keys
+            f" del AS (DELETE FROM {tv} t WHERE (SELECT count(*) FROM src) <"
+            f" (SELECT count(*) FROM k) AND t.{pk} IN (SELECT pk FROM k)"
             f" AND NOT EXISTS (SELECT 1 FROM src WHERE src.{pk} = t.{pk}) RETURNING 1)"
             f" SELECT (SELECT count(*) FROM k) AS keys, (SELECT count(*) FROM up) AS upserted,"
             f" (SELECT count(*) FROM del) AS deleted, {cascaded} AS cascaded"
