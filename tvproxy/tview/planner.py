@@ -10,7 +10,7 @@ them once per server and PostgreSQL runs them from a generic plan:
    client's value in a last statement).  A statement of its own: set inside the gate, it
    would come too late for the gate's own Bind, which would then be planned at every COMMIT
    (PostgreSQL keeps choosing custom plans for it).
-1. *gate*: transaction-scoped advisory locks, in one global order (entity rank, key):
+1. *gate*: transaction-scoped advisory locks, in one global order (entity rank, key hash):
    exclusive on every TVIEW key the transaction rewrites that is known before anything is read
    (the keys it names, parents of aggregated children it wrote), shared on the parents those
    rows read (their new state, transitively; in a self-referencing TVIEW, the ancestors whose
@@ -366,12 +366,15 @@ class _Builder:
                    for child, _ in self.derived.get(e, ()))
 
     def _locks(self, rows: list[tuple[str, str, bool]],
-               whole: Sequence[tuple[str, bool]] = ()) -> str:
+               whole: Sequence[tuple[str, bool]] = (), parents: Sequence[str] = ()) -> str:
         """CTEs ``w`` (a lock per TVIEW of the plan, first: exclusive on one refreshed whole,
-        shared otherwise), ``g`` (rank, key, exclusive) and ``c`` (the key locks, in global
+        shared otherwise), ``parents`` (the parent keys of each level, read once for the
+        levels above), ``g`` (rank, key, exclusive) and ``c`` (the key locks, in global
         order), then the no-op UPDATEs of the rows locked shared under REPEATABLE READ and
         SERIALIZABLE.
-        Key lock ``(lock_namespace, hash)``, TVIEW lock ``(lock_namespace + 1, rank)``."""
+        Key lock ``(lock_namespace, h)`` with ``h = hashtext(rank || ':' || key)``, TVIEW lock
+        ``(lock_namespace + 1, rank)``; the global order is (rank, h), exclusive first (an
+        integer sort, whatever the collation of the keys' text)."""
         ctes = []
         after = ""
         if whole:
@@ -384,11 +387,12 @@ class _Builder:
             after = " WHERE (SELECT n FROM w) >= 0"
             if not rows:
                 return f"WITH {ctes[0]} SELECT n FROM w"
+        ctes += parents
         union = " UNION ALL ".join(
             f"SELECT {self.rank[e]} AS r, k::{self.specs[e].pk_type}::text AS k, {str(x).lower()}"
             f" AS x FROM ({sql}) s(k)" for e, sql, x in rows)
-        lock = (f"CASE WHEN x THEN pg_advisory_xact_lock({self.ns}, hashtext(r || ':' || k)) "
-                f"ELSE pg_advisory_xact_lock_shared({self.ns}, hashtext(r || ':' || k)) END")
+        lock = (f"CASE WHEN x THEN pg_advisory_xact_lock({self.ns}, h) "
+                f"ELSE pg_advisory_xact_lock_shared({self.ns}, h) END")
         # under REPEATABLE READ/SERIALIZABLE, a no-op UPDATE of the rows read (shared): a later
         # rewriter of one whose snapshot predates it fails with 40001, and so does this one
         # if a rewriter committed after its snapshot.  Rewritten rows need none: the refresh's
@@ -396,7 +400,8 @@ class _Builder:
         ctes += [f"g AS MATERIALIZED (SELECT r, k, bool_or(x) AS x FROM ({union}) l "
                  f"WHERE k IS NOT NULL GROUP BY r, k)",
                  f"c AS MATERIALIZED (SELECT count({lock}) AS n FROM "
-                 f"(SELECT r, k, x FROM g{after} ORDER BY r, k) o)"]
+                 f"(SELECT r, hashtext(r || ':' || k) AS h, x FROM g{after} "
+                 f"ORDER BY r, h, x DESC) o)"]
         shared = list(dict.fromkeys(e for e, _, x in rows if not x))
         touch = self.specs[shared[0]].touch if shared else None
         if touch is not None and all(self.specs[e].touch == touch for e in shared):
@@ -444,12 +449,16 @@ class _Builder:
             return one
         p = _Params(self.types)
         rows: list[tuple[str, str, bool]] = []
+        parents: list[str] = []  # CTEs: the parent keys of one level, read once
         needed = False
 
         def up(e: str, sql: str, seen: tuple[str, ...]) -> None:
             for fk, parent in self.specs[e].embeds:
                 if parent in self.specs and parent not in seen:
-                    psql = self._parent_keys(e, fk).replace("{keys}", sql)
+                    name = f"p{len(parents)}"
+                    parents.append(f"{name} AS MATERIALIZED ("
+                                   f"{self._parent_keys(e, fk).replace('{keys}', sql)})")
+                    psql = f"SELECT * FROM {name}"
                     rows.append((parent, psql, False))
                     up(parent, psql, (*seen, parent))
 
@@ -475,11 +484,11 @@ class _Builder:
                 needed = True
         if not needed:
             return None
-        return self._locks(rows, whole), p
+        return self._locks(rows, whole, parents), p
 
     def _gate_one(self, entities: Sequence[str]) -> tuple[str, _Params] | None:
         """The gate when every key it locks is one value a scalar expression gives (one key
-        named per TVIEW, its parents by their fk): the lock calls in (rank, key) order in one
+        named per TVIEW, its parents by their fk): the lock calls in (rank, key hash) order in one
         target list, no CTE, sort or aggregate (the general gate costs PostgreSQL about three
         times as much to start and run).  Under REPEATABLE READ the rows locked shared get
         their no-op UPDATE from the catalog's function, called only then.  None: use the
@@ -531,11 +540,11 @@ class _Builder:
                 calls.append(f"{fn}({self.ns}, hashtext('{r}:' || {k}))")
                 continue
             values = ", ".join(f"({k}, {str(x).lower()})" for k, x in keys)
-            calls.append(
-                f"(SELECT count(CASE WHEN x THEN pg_advisory_xact_lock({self.ns}, "
-                f"hashtext('{r}:' || k)) ELSE pg_advisory_xact_lock_shared({self.ns}, "
-                f"hashtext('{r}:' || k)) END) FROM (SELECT k, bool_or(x) AS x FROM (VALUES "
-                f"{values}) v(k, x) WHERE k IS NOT NULL GROUP BY k ORDER BY k) o)")
+            calls.append(  # in the general gate's order: (rank, h), exclusive first
+                f"(SELECT count(CASE WHEN x THEN pg_advisory_xact_lock({self.ns}, h) "
+                f"ELSE pg_advisory_xact_lock_shared({self.ns}, h) END) FROM (SELECT "
+                f"hashtext('{r}:' || k) AS h, bool_or(x) AS x FROM (VALUES {values}) v(k, x) "
+                f"WHERE k IS NOT NULL GROUP BY k ORDER BY h, x DESC) o)")
         if any(not x for _, _, x in rows):  # after the locks, in (rank, key) order
             values = ", ".join(
                 f"({self._touch_row(e)}, ({expr})::{self.specs[e].pk_type}::text, "
