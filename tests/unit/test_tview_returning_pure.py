@@ -208,3 +208,27 @@ def test_message_length_and_execute_portal() -> None:
     assert message_length(row, 0) == len(row)
     assert message_length(b"xx" + row, 2) == len(row)
     assert D.execute_portal(b"p1\x00\x00\x00\x00\x00") == b"p1"
+
+
+@pytest.mark.parametrize("tail", ["", ";", " ; ", " -- a note; RETURNING x\n;", " /* c */"])
+def test_key_columns_go_after_the_last_token(tail: str) -> None:
+    sql = "UPDATE tb_post SET title = 'x' WHERE title LIKE 'y%'" + tail
+    rw = rewrite_returning(sql, POST, (), False)
+    assert rw is not None
+    assert rw.sql == ("UPDATE tb_post SET title = 'x' WHERE title LIKE 'y%' RETURNING "
+                      'CAST("tb_post"."pk_post" AS pg_catalog.text)' + tail)
+    assert targets(rw.sql) == ["CAST(tb_post.pk_post AS pg_catalog.text)"]
+
+
+def test_texts_differing_in_literals_are_decided_once() -> None:
+    from tvproxy.tview import returning
+
+    returning._splice.cache_clear()
+    for i in range(5):
+        rw = rewrite_returning(f"UPDATE tb_post SET title = title || '{i}' WHERE pk_post "
+                               f"BETWEEN {i} AND {i + 999}", POST, (), False)
+        assert rw is not None and rw.sql.endswith(
+            f"BETWEEN {i} AND {i + 999} RETURNING CAST(\"tb_post\".\"pk_post\" AS "
+            f"pg_catalog.text)")
+    info = returning._splice.cache_info()
+    assert info.misses == 1 and info.hits == 4

@@ -1060,6 +1060,15 @@ class ClientSession(asyncio.Protocol):
                 return True
             return False
         if mtype == 0x44:
+            if rw.n_extra == 1 and not rw.client_columns and end - start >= 11 \
+                    and buf[start + 5] == 0 and buf[start + 6] == 1:
+                # one value, the appended one: nothing goes to the client
+                size = int.from_bytes(buf[start + 7:start + 11], "big", signed=True)
+                if size == end - start - 11:
+                    tv.returned_key(head, bytes(buf[start + 11:end]))
+                    return False
+                if size == -1 and end - start == 11:
+                    return False  # NULL: no key
             total = message_length(buf, start)
             if end - start < total:  # streamed in pieces: strip it once whole
                 self.strip_row = bytearray(buf[start:end])

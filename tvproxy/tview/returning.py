@@ -16,9 +16,10 @@ the client's reply (protocol/strip.py).  The appended columns, always after the 
 Each appended column is cast to ``text``: whatever result format the client asked for (binary
 included), the bytes of a text value are its text, so decoding needs no type knowledge.
 
-The new SQL is built from the pglast AST (the RETURNING list set on the parsed statement, then
-deparsed) and checked by parsing it again: the result must be the client's statement plus
-exactly the appended columns, or there is no rewrite.  Multi-statement texts, writable CTEs,
+The client's text is kept as it is: the appended columns (quoted identifiers) go after its last
+token, RETURNING being the last clause of INSERT, UPDATE and DELETE.  Whether a statement is
+rewritten, and what is appended, is decided from its pglast parse, once per normalised shape
+(texts differing in literal values only share it).  Multi-statement texts, writable CTEs,
 MERGE, RETURNING ... WITH (OLD AS ...), and tables aliased ``old``/``new`` are left alone.
 """
 
@@ -31,8 +32,9 @@ from functools import lru_cache
 import pglast
 from pglast import ast
 from pglast.enums import OnConflictAction
-from pglast.stream import RawStream
+from pglast.parser import normalize, scan
 
+from tvproxy.tview.analyze import quote_ident
 from tvproxy.tview.capture import TrackedTable
 
 INTEGER_TYPES = frozenset({"bigint", "integer", "smallint", "int8", "int4", "int2"})
@@ -79,20 +81,6 @@ def _returning(node: ast.Node) -> tuple[tuple[ast.Node, ...], object]:
     return tuple(node.returningList or ()), None
 
 
-def _set_returning(node: ast.Node, targets: tuple[ast.Node, ...]) -> None:
-    if "returningClause" in node:
-        node.returningClause = ast.ReturningClause(exprs=targets) if targets else None
-    else:
-        node.returningList = targets or None
-
-
-def _text_column(qualifier: str, column: str) -> ast.ResTarget:
-    ref = ast.ColumnRef(fields=(ast.String(sval=qualifier), ast.String(sval=column)))
-    text = ast.TypeName(names=(ast.String(sval="pg_catalog"), ast.String(sval="text")),
-                        typemod=-1)
-    return ast.ResTarget(val=ast.TypeCast(arg=ref, typeName=text))
-
-
 def _assigned(node: ast.Node) -> tuple[str, frozenset[str]] | None:
     """(op, columns assigned by an UPDATE or an upsert's DO UPDATE), None when unsupported."""
     if isinstance(node, ast.UpdateStmt):
@@ -107,16 +95,24 @@ def _assigned(node: ast.Node) -> tuple[str, frozenset[str]] | None:
     return None
 
 
-@lru_cache(maxsize=4096)
-def rewrite_returning(sql: str, table: TrackedTable, aggregations: tuple[tuple[str, str], ...],
-                      old_values: bool) -> ReturningRewrite | None:
-    """The rewrite of ``sql`` (one statement writing ``table``), or None to keep the fallback.
+@dataclass(frozen=True)
+class _Splice:
+    """The rewrite of a statement shape: the text to append after its last token."""
 
-    ``aggregations``: (parent entity, fk column of ``table``) of every TVIEW aggregating the
-    table's rows; ``old_values``: the server has ``RETURNING old.*`` (PostgreSQL >= 18).
-    """
+    suffix: str
+    op: str
+    columns: tuple[KeyColumn, ...]
+    client_columns: bool
+    all_keys: tuple[str, ...]
+
+
+@lru_cache(maxsize=4096)
+def _splice(text: str, table: TrackedTable, aggregations: tuple[tuple[str, str], ...],
+            old_values: bool) -> _Splice | None:
+    """What to append to the texts parsing as ``text`` (a statement, or its normalised shape:
+    the decision depends on its structure only, never on its literal values)."""
     try:
-        raws = pglast.parse_sql(sql)
+        raws = pglast.parse_sql(text)
     except pglast.parser.ParseError:
         return None
     if len(raws) != 1:
@@ -152,24 +148,54 @@ def rewrite_returning(sql: str, table: TrackedTable, aggregations: tuple[tuple[s
                 columns.append(KeyColumn(parent, fk, old=True))
             elif parent not in all_keys:
                 all_keys.append(parent)
-    extra = tuple(_text_column("old" if c.old else qualifier, c.column) for c in columns)
-    _set_returning(node, mine + extra)
+    extra = ", ".join(
+        f"CAST({'old' if c.old else quote_ident(qualifier)}.{quote_ident(c.column)} AS "
+        f"pg_catalog.text)" for c in columns)
+    return _Splice((", " if mine else " RETURNING ") + extra, op, tuple(columns), bool(mine),
+                   tuple(all_keys))
+
+
+_TRAILING = frozenset({"ASCII_59", "SQL_COMMENT", "C_COMMENT"})  # ';' and comments
+
+
+def _end(sql: str) -> int | None:
+    """Offset just after the statement's last token (before a closing ';' and comments)."""
     try:
-        new_sql = RawStream()(node)
-        again = pglast.parse_sql(new_sql)
-    except Exception:  # noqa: BLE001 - a construct pglast cannot print back: no rewrite
+        tokens = scan(sql)
+    except pglast.parser.ParseError:
         return None
-    if len(again) != 1:
+    for token in reversed(tokens):
+        if token.name not in _TRAILING:
+            return int(token.end) + 1
+    return None
+
+
+@lru_cache(maxsize=4096)
+def rewrite_returning(sql: str, table: TrackedTable, aggregations: tuple[tuple[str, str], ...],
+                      old_values: bool) -> ReturningRewrite | None:
+    """The rewrite of ``sql`` (one statement writing ``table``), or None to keep the fallback.
+
+    ``aggregations``: (parent entity, fk column of ``table``) of every TVIEW aggregating the
+    table's rows; ``old_values``: the server has ``RETURNING old.*`` (PostgreSQL >= 18).
+
+    The key columns go after the statement's last token: RETURNING is the last clause of
+    INSERT, UPDATE and DELETE, so the client's text is sent as it is, its own RETURNING list
+    (if any) extended.  Whether and what to append is decided once per normalised shape.
+    """
+    try:
+        shape = normalize(sql)
+    except pglast.parser.ParseError:
         return None
-    check = again[0].stmt
-    theirs, _ = _returning(check)
-    if len(theirs) != len(mine) + len(extra):
+    plan = _splice(shape, table, aggregations, old_values)
+    if plan is None and shape != sql:  # a literal where the grammar takes no parameter
+        plan = _splice(sql, table, aggregations, old_values)
+    if plan is None:
         return None
-    _set_returning(check, theirs[:len(mine)])
-    if check != pglast.parse_sql(sql)[0].stmt:
+    end = _end(sql)
+    if end is None:
         return None
-    return ReturningRewrite(new_sql, table.name, table.entity, op, tuple(columns), bool(mine),
-                            tuple(all_keys))
+    return ReturningRewrite(sql[:end] + plan.suffix + sql[end:], table.name, table.entity,
+                            plan.op, plan.columns, plan.client_columns, plan.all_keys)
 
 
 def key_value(raw: bytes, integer: bool) -> Hashable:

@@ -184,23 +184,32 @@ class ReturningHooks:
         self.ret_live = [s for s in self.ret_live if any(s is e for e in expect)]
 
     def returned(self, head: StripReply, values: list[bytes | None]) -> None:
-        keys: dict[str, set[Hashable]] = head.keys  # type: ignore[attr-defined]
         for col, integer, raw in zip(head.rewrite.columns, head.integer,  # type: ignore[attr-defined]
                                      values, strict=True):
-            if raw is None:
-                continue
-            got = keys.get(col.entity)
-            if got is None:
-                got = keys[col.entity] = set()
-            elif ALL_KEYS in got:
-                continue
-            try:
-                got.add(key_value(raw, integer))
-            except (ValueError, UnicodeDecodeError):
-                keys[col.entity] = {ALL_KEYS}
-                continue
-            if len(got) > MAX_RETURNED_KEYS:
-                keys[col.entity] = {ALL_KEYS}
+            if raw is not None:
+                self._returned(head, col.entity, integer, raw)
+
+    def returned_key(self, head: StripReply, raw: bytes) -> None:
+        """The one appended value of a row whose statement returns nothing of its own (the
+        common case: a row's key, read from the DataRow without splitting it)."""
+        self._returned(head, head.rewrite.columns[0].entity,  # type: ignore[attr-defined]
+                       head.integer[0], raw)  # type: ignore[attr-defined]
+
+    @staticmethod
+    def _returned(head: StripReply, entity: str, integer: bool, raw: bytes) -> None:
+        keys: dict[str, set[Hashable]] = head.keys  # type: ignore[attr-defined]
+        got = keys.get(entity)
+        if got is None:
+            got = keys[entity] = set()
+        elif ALL_KEYS in got:
+            return
+        try:
+            got.add(key_value(raw, integer))
+        except (ValueError, UnicodeDecodeError):
+            keys[entity] = {ALL_KEYS}
+            return
+        if len(got) > MAX_RETURNED_KEYS:
+            keys[entity] = {ALL_KEYS}
 
     def _forget(self, head: StripReply) -> None:
         live = self.ret_live
