@@ -58,7 +58,7 @@ async def run(conn: Any, specs: Any, writes: str, touched: dict[str, set[int]]) 
         plan = plan_refresh(specs, ORDER, touched, TYPES, 0x7476)
         assert plan is not None
         first = plan.first_refresh
-        assert first in (1, 2, 3) and len(plan.statements) == first + len(plan.entities)
+        assert first in (0, 1, 2) and len(plan.statements) == first + len(plan.entities)
         for sql, params in zip(plan.statements[:first], plan.params[:first], strict=True):
             await conn.fetch(sql, *params)
         for entity, sql, params in zip(plan.entities, plan.statements[first:],
@@ -67,6 +67,23 @@ async def run(conn: Any, specs: Any, writes: str, touched: dict[str, set[int]]) 
             counts[entity] = (row["upserted"], row["deleted"])
     await _assert_fresh(conn)
     return counts
+
+
+async def test_refresh_statements_settle_on_generic_plans(specs: Any, conn: Any) -> None:
+    """No statement of a plan is planned again at every execution: after PostgreSQL's five
+    custom plans each one runs from its generic plan, with the client's plan_cache_mode left
+    as it is (auto)."""
+    for i in range(9):
+        counts = await run(conn, specs, f"UPDATE pl.tb_post SET title = 'T{i}' WHERE pk_post = "
+                                        f"{1 + i % 3}", {"post": {1 + i % 3}})
+        assert counts["post"] == (1, 0)
+    rows = await conn.fetch("SELECT statement, generic_plans, custom_plans FROM "
+                            "pg_prepared_statements WHERE (statement LIKE '%pg_advisory%' OR "
+                            "statement LIKE 'WITH k AS%') AND statement NOT LIKE '%pg_prep%'")
+    assert len(rows) == 2  # the gate, the refresh of tv_post
+    for r in rows:
+        assert r["custom_plans"] <= 5 and r["generic_plans"] >= 4, r["statement"][:60]
+    assert await conn.fetchval("SELECT current_setting('plan_cache_mode')") == "auto"
 
 
 async def _assert_fresh(conn: Any) -> None:
@@ -159,8 +176,8 @@ async def test_gate_orders_refreshes_that_meet_in_a_row_one_cannot_see(specs: An
         await t1.start()
         await conn.execute("INSERT INTO pl.tb_post VALUES (4, DEFAULT, 3, 'P4')")
         plan1 = plan_refresh(specs, ORDER, {"post": {4}}, TYPES, 0x7476)
-        assert plan1 is not None and plan1.first_refresh == 2  # mode, gate, refresh tv_post
-        for sql, params in zip(plan1.statements[:2], plan1.params[:2], strict=True):
+        assert plan1 is not None and plan1.first_refresh == 1  # gate, refresh tv_post
+        for sql, params in zip(plan1.statements[:1], plan1.params[:1], strict=True):
             await conn.fetch(sql, *params)  # the gate: post 4, and user 3 it reads (shared)
 
         async def rename() -> None:
@@ -174,7 +191,7 @@ async def test_gate_orders_refreshes_that_meet_in_a_row_one_cannot_see(specs: An
         task = asyncio.ensure_future(rename())
         await _waiting_for_advisory_lock(conn, other)  # at its gate, for T1
         assert not task.done()
-        for sql, params in zip(plan1.statements[2:], plan1.params[2:], strict=True):
+        for sql, params in zip(plan1.statements[1:], plan1.params[1:], strict=True):
             await conn.fetch(sql, *params)
         await t1.commit()
         await asyncio.wait_for(task, 10)
@@ -198,15 +215,14 @@ async def test_retitle_and_rename_of_its_author_meet_at_the_author(specs: Any, p
         await t1.start()
         await conn.execute("UPDATE pl.tb_post SET title = 'P1 retitled' WHERE pk_post = 1")
         plan1 = plan_refresh(specs, ORDER, {"post": {1}}, TYPES, 0x7476)
-        assert plan1 is not None and plan1.first_refresh == 2  # mode, gate, refresh
-        for sql, params in zip(plan1.statements[:2], plan1.params[:2], strict=True):
+        assert plan1 is not None and plan1.first_refresh == 1  # gate, refresh
+        for sql, params in zip(plan1.statements[:1], plan1.params[:1], strict=True):
             await conn.fetch(sql, *params)
         held = await conn.fetch("SELECT mode FROM pg_locks WHERE pid = pg_backend_pid() AND "
                                 "locktype = 'advisory'")
         assert sorted(r["mode"] for r in held) == ["ExclusiveLock", "ShareLock", "ShareLock",
                                                    "ShareLock"]  # post, user, company, TVIEW
-        assert await conn.fetchval("SELECT current_setting('plan_cache_mode')") == \
-            "force_generic_plan"
+        assert await conn.fetchval("SELECT current_setting('plan_cache_mode')") == "auto"
 
         async def rename() -> None:
             async with other.transaction():
@@ -219,7 +235,7 @@ async def test_retitle_and_rename_of_its_author_meet_at_the_author(specs: Any, p
         task = asyncio.ensure_future(rename())
         await _waiting_for_advisory_lock(conn, other)  # at its gate, for user 1
         assert not task.done()
-        for sql, params in zip(plan1.statements[2:], plan1.params[2:], strict=True):
+        for sql, params in zip(plan1.statements[1:], plan1.params[1:], strict=True):
             await conn.fetch(sql, *params)
         await t1.commit()
         await asyncio.wait_for(task, 10)
@@ -271,7 +287,7 @@ async def test_gate_under_repeatable_read_fails_the_later_transaction(specs: Any
         await conn.execute("INSERT INTO pl.tb_post VALUES (4, DEFAULT, 3, 'P4')")
         plan1 = plan_refresh(specs, ORDER, {"post": {4}}, TYPES, 0x7476)
         assert plan1 is not None
-        for sql, params in zip(plan1.statements[:2], plan1.params[:2], strict=True):
+        for sql, params in zip(plan1.statements[:1], plan1.params[:1], strict=True):
             await conn.fetch(sql, *params)
 
         async def rename() -> None:
@@ -285,7 +301,7 @@ async def test_gate_under_repeatable_read_fails_the_later_transaction(specs: Any
         task = asyncio.ensure_future(rename())
         await _waiting_for_advisory_lock(conn, other)
         assert not task.done()
-        for sql, params in zip(plan1.statements[2:], plan1.params[2:], strict=True):
+        for sql, params in zip(plan1.statements[1:], plan1.params[1:], strict=True):
             await conn.fetch(sql, *params)
         await t1.commit()
         with pytest.raises(asyncpg.SerializationError):

@@ -75,9 +75,9 @@ def test_plan_binds_keys_and_quotes_identifiers() -> None:
     plan = plan_refresh({'we"ird': spec}, ['we"ird'], {'we"ird': {424242, 7}}, {'we"ird': "bigint"},
                         1)
     assert plan is not None and plan.entities == ('we"ird',)
-    # a TVIEW fed only by its own base rows: no gate, just the plan mode and its refresh
-    assert len(plan.statements) == 2 and plan.first_refresh == 1
-    assert plan.params[1] == ([424242, 7],)
+    # a TVIEW fed only by its own base rows: no gate, just its refresh
+    assert len(plan.statements) == 1 and plan.first_refresh == 0
+    assert plan.params[0] == ([424242, 7],)
     assert all("424242" not in sql for sql in plan.statements)  # values are bound, never spliced
     refresh = plan.statements[plan.first_refresh]
     assert '"tv_we""ird"' in refresh and '"v_we""ird"' in refresh

@@ -215,17 +215,17 @@ def test_plans_bind_keys_and_grow_them() -> None:
     spec = _spec(((INF, 0),))
     plan = plan_refresh({"node": spec}, ["node"], {"node": {3, 1}}, TYPES, 7, 4)
     assert plan is not None and plan.entities == ("node",)
-    # mode, gate (shared locks on the ancestors read), expand (the descendants), refresh
-    assert len(plan.statements) == 4 and plan.first_refresh == 3
-    gate, expand, refresh = plan.statements[1:]
+    # gate (shared locks on the ancestors read), expand (the descendants), refresh
+    assert len(plan.statements) == 3 and plan.first_refresh == 2
+    gate, expand, refresh = plan.statements
     assert "pg_advisory_xact_lock_shared" in gate and "w.n < 4" in gate
     assert "w.n <= 4" in expand and "'54001'" in expand and "'54001'" in refresh
-    assert plan.params[1:] == (([1, 3],), ([1, 3],), ([1, 3],))
+    assert plan.params == (([1, 3],), ([1, 3],), ([1, 3],))
     # aggregation: no shared locks; the old parents are bound with their own parameter
     spec = _spec(((0, 1),), old_parents("node"))
     plan = plan_refresh({"node": spec}, ["node"], {"node": {6}, old_parents("node"): {3}},
                         TYPES, 7)
-    assert plan is not None and len(plan.statements) == 3  # no gate needed, expand, refresh
+    assert plan is not None and len(plan.statements) == 2  # no gate needed, expand, refresh
     assert plan.params[-1] == ([6], [3])
     # every key: no walk at all
     every = {"node": 'SELECT pk_node FROM "public"."v_node"'}

@@ -238,7 +238,8 @@ class TviewSession(CaptureHooks, ReturningHooks):
     def ddl(self, client: ClientSession, text: bytes) -> bool:
         """``CREATE TABLE tv_x AS SELECT`` / ``DROP TABLE tv_x``: run by the engine, answered
         by the proxy (True), or not TVIEW DDL (False)."""
-        if b";" in text and self._commit_after_writes(client, text):
+        if b";" in text and b";" in text.rstrip().rstrip(b";") \
+                and self._commit_after_writes(client, text):  # more than a closing ';'
             return True
         head = text[:64].lstrip().lower()
         if b"tv_" not in text or not head.startswith((b"create", b"drop")):
@@ -369,15 +370,14 @@ class TviewSession(CaptureHooks, ReturningHooks):
 
     # --- ends of transactions --------------------------------------------------------------
 
-    def _plan(self, cat: RuntimeCatalog, keys: dict[str, set[Hashable]],
-              flush: bool = False) -> RefreshPlan | None:
+    def _plan(self, cat: RuntimeCatalog, keys: dict[str, set[Hashable]]) -> RefreshPlan | None:
         if not keys:
             return None
         cfg = self.engine.cfg
         try:
             plan = plan_refresh(cat.specs, cat.order, keys, cat.key_types, cfg.lock_namespace,
                                 cfg.max_propagation_depth, cat.all_keys, cat.derived,
-                                cat.fk_sources, mid_transaction=flush, cache=cat.plans)
+                                cat.fk_sources, cache=cat.plans)
         except TviewError as exc:  # 54001: fail the COMMIT with it
             return RefreshPlan((), (f"DO $$BEGIN RAISE EXCEPTION USING ERRCODE = "
                                     f"'{exc.sqlstate}', MESSAGE = "
@@ -405,7 +405,7 @@ class TviewSession(CaptureHooks, ReturningHooks):
                 marker = KeysWhen(opaque_condition(name))
                 for e in all_affected(cat, entity):
                     keys.setdefault(e, set()).add(marker)
-        plan = self._plan(cat, keys, flush)
+        plan = self._plan(cat, keys)
         if self.engine.cfg.opaque_writes == "reject" and (waiting or self.opaque_tables):
             check = reject_sql()
             plan = RefreshPlan((), (check,), ((),)) if plan is None else RefreshPlan(

@@ -3,13 +3,13 @@
 A plan is a short list of statements sent in one round trip before the COMMIT.  Each returns
 one row.  Keys are bound as array parameters; the statements of one *shape* (which entities
 have named keys, which are refreshed fully) are always the same text, so the proxy prepares
-them once per server and PostgreSQL runs them from a generic plan:
+them once per server and PostgreSQL runs them from a generic plan.  Each array is read through
+a scalar subquery, ``(SELECT $n::type[])``: a custom plan then cannot see the values either (the
+planner estimates ``unnest`` of a constant array by its length, of anything else by default),
+so custom and generic plans cost the same and PostgreSQL settles on the generic one after its
+five custom plans, whatever the client's ``plan_cache_mode`` default (without it, a custom plan
+looked cheaper and was made again at every Bind).
 
-0. *mode*: ``plan_cache_mode = force_generic_plan`` for the rest of the transaction (the plan
-   then never re-plans at a Bind; the COMMIT ends it; a mid-transaction plan restores the
-   client's value in a last statement).  A statement of its own: set inside the gate, it
-   would come too late for the gate's own Bind, which would then be planned at every COMMIT
-   (PostgreSQL keeps choosing custom plans for it).
 1. *gate*: transaction-scoped advisory locks, in one global order (entity rank, key hash):
    exclusive on every TVIEW key the transaction rewrites that is known before anything is read
    (the keys it names, parents of aggregated children it wrote), shared on the parents those
@@ -62,11 +62,6 @@ from tvproxy.tview.analyze import quote_ident as q
 from tvproxy.tview.selfterms import UNBOUNDED
 from tvproxy.tview.treekeys import SelfRule, self_keys, walk_keys
 
-MODE_SQL = ("SELECT set_config('tvproxy.plan_cache_mode', current_setting('plan_cache_mode'),"
-            " true), set_config('plan_cache_mode', 'force_generic_plan', true)")
-RESTORE_SQL = ("SELECT set_config('plan_cache_mode', current_setting('tvproxy.plan_cache_mode'),"
-               " true)")
-
 
 @dataclass(frozen=True)
 class TviewSpec:
@@ -85,7 +80,7 @@ class TviewSpec:
 @dataclass(frozen=True)
 class RefreshPlan:
     entities: tuple[str, ...]  # refreshed TVIEWs, in order
-    statements: tuple[str, ...]  # mode, [gate], [expand], one per TVIEW, [restore]
+    statements: tuple[str, ...]  # [gate], [expand], one per TVIEW
     params: tuple[tuple[object, ...], ...]  # bound parameters of each statement
     first_refresh: int = 0  # index of the first per-TVIEW refresh statement
     names: tuple[bytes, ...] = ()  # prepared-statement name of each statement (by digest)
@@ -223,7 +218,8 @@ class _Params:
     def array(self, e: str) -> str:
         if e not in self.slots:
             self.slots.append(e)
-        return f"${self.slots.index(e) + 1}::{self.types[e]}[]"
+        # behind a scalar subquery: no plan sees the values (the module's docstring)
+        return f"(SELECT ${self.slots.index(e) + 1}::{self.types[e]}[])"
 
 
 class _Builder:
@@ -592,7 +588,9 @@ class _Builder:
             if t is not None and (t.every or t.conditions):
                 cascaded = "0"
             elif t is not None and t.named:
-                cascaded = f"(SELECT count(*) FROM k WHERE pk <> ALL({p.array(e)}))"
+                # (an array expression: ALL of a bare subquery would compare with its rows)
+                cascaded = (f"(SELECT count(*) FROM k WHERE pk <> ALL({p.array(e)}::"
+                            f"{self.types[e]}[]))")
             else:
                 cascaded = "(SELECT count(*) FROM k)"
         sql = (
@@ -627,7 +625,6 @@ def plan_refresh(
     derived: Mapping[str, Sequence[tuple[str, str]]] | None = None,
     fk_sources: Mapping[tuple[str, str], str] | None = None,
     *,
-    mid_transaction: bool = False,
     cache: dict[object, _Template] | None = None,
 ) -> RefreshPlan | None:
     """The plan for keys ``touched`` (entity -> pks; base entities and TVIEW entities alike;
@@ -639,16 +636,15 @@ def plan_refresh(
     child's keys at refresh time (the current fk of aggregated children); ``{keys}`` in the
     template is replaced by the child's key query.  ``fk_sources``: (entity, fk column) -> a
     SELECT of that column from the entity's own base table for keys ``{keys}`` (cheaper than the
-    view, same new state).  ``mid_transaction``: the client's transaction goes on after the
-    plan (read-your-writes), so its ``plan_cache_mode`` is restored.  ``cache``: templates by
+    view, same new state).  ``cache``: templates by
     shape (one dict per catalog), so a COMMIT of a known shape builds no SQL.
     """
     touched = {e: keys for e, keys in touched.items() if keys}
-    shape_key = (_shape(touched), int(lock_namespace), max_depth, mid_transaction)
+    shape_key = (_shape(touched), int(lock_namespace), max_depth)
     template = cache.get(shape_key) if cache is not None else None
     if template is None:
         template = _template(specs, order, touched, key_types, lock_namespace, max_depth,
-                             all_keys or {}, derived or {}, fk_sources or {}, mid_transaction)
+                             all_keys or {}, derived or {}, fk_sources or {})
         if template is None:
             return None
         if cache is not None:
@@ -662,8 +658,7 @@ def _template(specs: Mapping[str, TviewSpec], order: Sequence[str],
               touched: Mapping[str, Collection[Hashable]], key_types: Mapping[str, str],
               lock_namespace: int, max_depth: int, all_keys: Mapping[str, str],
               derived: Mapping[str, Sequence[tuple[str, str]]],
-              fk_sources: Mapping[tuple[str, str], str],
-              mid_transaction: bool) -> _Template | None:
+              fk_sources: Mapping[tuple[str, str], str]) -> _Template | None:
     shape = dict(_shape(touched))
     reached = set(shape)
     for e, children in derived.items():
@@ -675,8 +670,8 @@ def _template(specs: Mapping[str, TviewSpec], order: Sequence[str],
         return None
     b = _Builder(specs, order, shape, key_types, lock_namespace, reach, all_keys, derived,
                  fk_sources, max_depth)
-    statements: list[str] = [MODE_SQL]
-    slots: list[tuple[str, ...]] = [()]
+    statements: list[str] = []
+    slots: list[tuple[str, ...]] = []
     for part in (b.gate(entities), b.expand(entities)):
         if part is not None:
             statements.append(part[0])
@@ -686,9 +681,6 @@ def _template(specs: Mapping[str, TviewSpec], order: Sequence[str],
         sql, p = b.refresh(e)
         statements.append(sql)
         slots.append(tuple(p.slots))
-    if mid_transaction:
-        statements.append(RESTORE_SQL)
-        slots.append(())
     full = tuple(e for e in entities if e in shape and (shape[e].every or shape[e].conditions))
     return _Template(entities, tuple(statements), tuple(slots), first,
                      tuple(statement_name(s) for s in statements), full)
