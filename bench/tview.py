@@ -1049,9 +1049,9 @@ async def _profile(
     """EXPLAIN ANALYZE (in rolled-back transactions) of the refresh tvproxy would inject for one
     transaction of each workload, in db tview, and of the same writes in db trig and db stmt,
     where the per-row and the statement triggers run inside the writes. Uses tvproxy's own
-    planner, so the statements are the ones the proxy sends; planning time counts because the
-    proxy sends them unnamed (parsed and planned at every COMMIT) while plpgsql caches the
-    triggers' plans. The plan's statements are labelled by position and first words, so a
+    planner, so the statements are the ones the proxy sends; their literal parameters make each
+    EXPLAIN plan afresh, so planning time shows what a first execution costs (the proxy prepares
+    them once per server and PostgreSQL reuses a generic plan, as plpgsql does the triggers'). The plan's statements are labelled by position and first words, so a
     different plan shape still profiles; a planner that cannot be called skips the profile."""
     import random
 
@@ -1735,8 +1735,9 @@ def render_md(report: dict[str, Any]) -> str:
                 "One transaction of each workload on random keys (7 samples), in rolled-back "
                 "transactions, with no benchmark traffic running (the machine's other load "
                 "still applies): tvproxy's injected statements (built by tvproxy's own "
-                "planner, as the proxy sends them: unnamed, so parsed and planned at every "
-                "COMMIT; labelled #position, first word, what they write) in db tview; the "
+                "planner; the proxy prepares them once per server and runs a generic plan, so "
+                "their planning here is a first execution's; labelled #position, first word, "
+                "what they write) in db tview; the "
                 "same writes in db trig and db stmt, where the per-row or statement triggers "
                 "run inside them (plpgsql caches their plans).",
                 "",
