@@ -211,6 +211,18 @@ class _Shape:
                 return [(m.start(g), m.end(g), k) for g, k in enumerate(self.numbers, 1)]
         return literal_spans(sql, shape)
 
+    def match(self, sql: str) -> Statement | None:
+        """The Statement of ``sql`` if its pattern matches it: the fixed text around the
+        literals is the first text's own and each literal is cut where the lexer cuts it, so
+        the text normalises to this shape (None: not this shape, or a literal to parse)."""
+        if self.pattern is None:
+            return None
+        m = self.pattern.fullmatch(sql)
+        if m is None:
+            return None
+        return _instantiate(self, sql, [(m.start(g), m.end(g), k)
+                                        for g, k in enumerate(self.numbers, 1)])
+
 
 # the literal forms a shape's pattern matches, with what may not stand around them (so that
 # the pattern cuts a text exactly where PostgreSQL's lexer does): an integer not next to a
@@ -219,6 +231,11 @@ class _Shape:
 _INT_SLOT = r"(\d+)(?![\w.$])"
 _STR_SLOT = r"('(?:[^']|'')*')(?![ \t\r\f]*\n\s*')"
 _WORD_BEFORE = re.compile(r"[\w&$'\-/*]\Z")
+# a text with its strings and digits blanked: where the shapes a text may have are looked up
+# before normalising it (texts differing only in literals share it; each shape's pattern then
+# decides)
+_ROUGH = re.compile(r"'(?:[^']|'')*'|\d+")
+MAX_ROUGH = 4  # shapes kept per rough text
 
 
 def _pattern(sql: str, spans: list[tuple[int, int, int]]) -> re.Pattern[str] | None:
@@ -266,6 +283,7 @@ class Analyzer:
         self._exact: dict[str, Statement] = {}  # texts without literals, and odd ones
         self._shapes: dict[str, _Shape | None] = {}  # None: its texts are parsed one by one
         self._direct: dict[Kind, Statement] = {}
+        self._rough: dict[str, tuple[_Shape, ...]] = {}  # see _ROUGH
         # texts whose literals hold no key (a parameterised statement with a constant in it,
         # as drivers send them at every Parse): their Statement, without normalising again
         self._fixed: dict[str, Statement] = {}
@@ -278,6 +296,11 @@ class Analyzer:
             hit = self._fixed.get(sql)
         if hit is not None:
             return hit
+        rough = _ROUGH.sub("?", sql)
+        for entry in self._rough.get(rough, ()):
+            st = entry.match(sql)
+            if st is not None:
+                return st
         low = sql.lower()
         kind = self._candidates(sql, low)
         if not kind & (Kind.TX | Kind.WRITE):  # nothing pglast could add: done
@@ -315,7 +338,13 @@ class Analyzer:
             if spans is None:
                 return self._parse_exact(sql)
         st = _instantiate(entry, sql, spans)
-        return st if st is not None else self._parse_exact(sql)
+        if st is None:
+            return self._parse_exact(sql)
+        if entry.pattern is not None:  # the next texts of this shape skip normalize
+            known = self._rough.get(rough, ())
+            if not any(e is entry for e in known):
+                _put(self._rough, rough, (entry, *known[:MAX_ROUGH - 1]))
+        return st
 
     # --- the cheap tests ------------------------------------------------------------------
 
