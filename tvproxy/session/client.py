@@ -94,7 +94,7 @@ class ClientSession(asyncio.Protocol):
         self.tview: TransactionHooks | None = None  # the TVIEW engine's seam (session/hooks.py)
         self.tv_hold = False  # input held while the proxy closes a transaction it opened
         self.tv_deferred = False  # the client's ReadyForQuery waits for the injected COMMIT
-        self.inject_rows: list = []
+        self.inject_rows: list[bytes] = []  # DataRow bodies of an injected batch
         self.inject_error: bytes | None = None
         self.inject_batch_error: bytes | None = None  # the error of the batch being read
         self.inject_skipped = False  # the server skipped the batch after the client's error
@@ -969,7 +969,7 @@ class ClientSession(asyncio.Protocol):
         expect = self.expect
         if head == EXP_INJECT:
             if mtype == 0x44:  # DataRow
-                self.inject_rows.append(D.data_row(bytes(buf[start + 5:end])))
+                self.inject_rows.append(bytes(buf[start + 5:end]))
             elif mtype == 0x54:  # RowDescription, CommandComplete: for the engine's own talk
                 self.inject_desc = bytes(buf[start + 5:end])
             elif mtype == 0x43:

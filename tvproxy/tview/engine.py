@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from tvproxy.log import debug_enabled, get_logger
 from tvproxy.protocol import build as B
+from tvproxy.protocol import decode as D
 from tvproxy.tview.analyze import CreateTview, DropTviews, TviewError, parse_tview_ddl
 from tvproxy.tview.conversation import Reply, ServerConversation, ServerError, row_description
 from tvproxy.tview.follow import CatalogFollower
@@ -75,6 +76,7 @@ def plan_messages(plan: RefreshPlan, server: Any = None) -> tuple[bytes, tuple[b
     out = []
     new: list[bytes] = []
     names = plan.names or tuple(statement_name(sql) for sql in plan.statements)
+    texts: dict[int, bytes | None] = {}  # a key list bound by several statements: one text
     for sql, params, digest in zip(plan.statements, plan.params, names, strict=True):
         name = b""
         if server is not None:
@@ -89,13 +91,18 @@ def plan_messages(plan: RefreshPlan, server: Any = None) -> tuple[bytes, tuple[b
                     name = b""
         if not name:
             out.append(B.parse(b"", sql.encode()))
-        out.append(_bind(name, params))
+        values = []
+        for p in params:
+            v = texts.get(id(p), _UNSET)
+            if v is _UNSET:
+                v = texts[id(p)] = B.text_value(p)
+            values.append(v)
+        out.append(B.bind(name, values))
         out.append(B.EXECUTE)
     return b"".join(out), tuple(new)
 
 
-def _bind(statement: bytes, params: tuple[object, ...] | list[object]) -> bytes:
-    return B.bind(statement, [B.text_value(p) for p in params])
+_UNSET: Any = object()
 
 
 @dataclass(frozen=True)
@@ -486,9 +493,10 @@ class TviewSession(CaptureHooks, ReturningHooks):
         finally:
             client.ddl_done(_warnings(warnings) + B.ready_for_query(status))
 
-    def injected(self, rows: list[list[bytes | None]], error: dict[str, str] | None) -> bool:
-        """Replies of an injected batch: refresh counts for the statistics, keys found by
-        pre-images and audits.  True: the batch's error is not the client's concern."""
+    def injected(self, raw: list[bytes], error: dict[str, str] | None) -> bool:
+        """Replies of an injected batch (``raw``: the bodies of its DataRows, decoded here only
+        where read): refresh counts for the statistics, keys found by pre-images and audits.
+        True: the batch's error is not the client's concern."""
         if not self.inflight:
             return False
         meta = self.inflight.pop(0)
@@ -501,6 +509,7 @@ class TviewSession(CaptureHooks, ReturningHooks):
                 return True
             meta = meta.meta
         if isinstance(meta, _Talk):
+            rows = [D.data_row(r) for r in raw]
             client = self.client
             cols = row_description(client.inject_desc) if client.inject_desc else []
             tag = client.inject_tag.decode() if client.inject_tag else ""
@@ -511,6 +520,7 @@ class TviewSession(CaptureHooks, ReturningHooks):
             if meta.close:
                 self.audits_inflight -= 1
                 if error is None and meta.txn == self.txn:
+                    rows = [D.data_row(r) for r in raw]
                     found = [meta.tables[int(r[0]) - 1] for r in rows if r and r[0] is not None]
                     if found:
                         self._opaque_found(self.engine.catalog(self.client.database), found)
@@ -519,6 +529,7 @@ class TviewSession(CaptureHooks, ReturningHooks):
             if error is None:
                 integer = self.engine.catalog(self.client.database).key_types.get(meta) in (
                     "bigint", "integer", "smallint")
+                rows = [D.data_row(r) for r in raw]
                 vals = [r[0].decode() for r in rows if r and r[0] is not None]
                 self.tracker.touch(meta, [int(v) for v in vals] if integer else vals)
                 self.tracker.statement_succeeded()
@@ -542,7 +553,7 @@ class TviewSession(CaptureHooks, ReturningHooks):
             self._count_commit([], total=True)
         # rows: one per statement; each refresh gives (keys, upserted, deleted, cascaded)
         first = plan.first_refresh
-        refreshed = rows[first:first + len(plan.entities)]
+        refreshed = [D.data_row(r) for r in raw[first:first + len(plan.entities)]]
         counts: list[int] = []
         now = time.time()
         for i, entity in enumerate(plan.entities):

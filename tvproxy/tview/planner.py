@@ -202,7 +202,9 @@ class _Template:
         for s in self.slots:
             for e in s:
                 if e not in keys:
-                    keys[e] = sorted(_explicit(touched[e]), key=str)
+                    named = touched[e]
+                    keys[e] = list(named) if len(named) == 1 and _plain(named) else sorted(
+                        _explicit(named), key=str)
         params = tuple(tuple(keys[e] for e in s) for s in self.slots)
         return RefreshPlan(self.entities, self.statements, params, self.first_refresh,
                            self.names, self.full)
@@ -387,19 +389,25 @@ class _Builder:
         union = " UNION ALL ".join(
             f"SELECT {self.rank[e]} AS r, k::{self.specs[e].pk_type}::text AS k, {str(x).lower()}"
             f" AS x FROM ({sql}) s(k)" for e, sql, x in rows)
+        keyed = f"SELECT r, k, x FROM ({union}) l WHERE k IS NOT NULL"
+        shared = list(dict.fromkeys(e for e, _, x in rows if not x))
+        if not shared:  # every key rewritten: exclusive locks in (rank, h) order, nothing else
+            locks = (f"SELECT count(pg_advisory_xact_lock({self.ns}, h)) AS n FROM (SELECT r, "
+                     f"hashtext(r || ':' || k) AS h FROM ({keyed}) g{after} ORDER BY r, h) o")
+            return f"WITH {', '.join(ctes)} {locks}" if ctes else locks
         lock = (f"CASE WHEN x THEN pg_advisory_xact_lock({self.ns}, h) "
                 f"ELSE pg_advisory_xact_lock_shared({self.ns}, h) END")
         # under REPEATABLE READ/SERIALIZABLE, a no-op UPDATE of the rows read (shared): a later
         # rewriter of one whose snapshot predates it fails with 40001, and so does this one
         # if a rewriter committed after its snapshot.  Rewritten rows need none: the refresh's
-        # upsert or delete fails the same way
-        ctes += [f"g AS MATERIALIZED (SELECT r, k, bool_or(x) AS x FROM ({union}) l "
-                 f"WHERE k IS NOT NULL GROUP BY r, k)",
+        # upsert or delete fails the same way.  A key named twice is locked twice (advisory
+        # locks stack): no grouping for READ COMMITTED to pay for
+        ctes += [f"g AS MATERIALIZED ({keyed})",
                  f"c AS MATERIALIZED (SELECT count({lock}) AS n FROM "
                  f"(SELECT r, hashtext(r || ':' || k) AS h, x FROM g{after} "
                  f"ORDER BY r, h, x DESC) o)"]
-        shared = list(dict.fromkeys(e for e, _, x in rows if not x))
-        touch = self.specs[shared[0]].touch if shared else None
+        read = "(SELECT r, k FROM g GROUP BY r, k HAVING NOT bool_or(x))"
+        touch = self.specs[shared[0]].touch
         if touch is not None and all(self.specs[e].touch == touch for e in shared):
             # the catalog's function, in (rank, key) order like the one-key gate's: readers of
             # one parent then meet in the same order, and READ COMMITTED opens no tv_ table
@@ -408,8 +416,8 @@ class _Builder:
             return (f"WITH {', '.join(ctes)} SELECT n, CASE WHEN current_setting("
                     f"'transaction_isolation') <> 'read committed' THEN (SELECT count({touch}("
                     f"o.tv::regclass, o.pk, o.typ::regtype, o.k)) FROM (SELECT g.r, g.k, m.tv, "
-                    f"m.pk, m.typ FROM g JOIN (VALUES {meta}) m(r, tv, pk, typ) ON m.r = g.r "
-                    f"WHERE NOT g.x ORDER BY g.r, g.k) o) END FROM c")
+                    f"m.pk, m.typ FROM {read} g JOIN (VALUES {meta}) m(r, tv, pk, typ) ON "
+                    f"m.r = g.r ORDER BY g.r, g.k) o) END FROM c")
         bumps = []
         for e in shared:
             spec = self.specs[e]
@@ -417,8 +425,8 @@ class _Builder:
             bumps.append(f"b{self.rank[e]} AS (UPDATE {tv} t SET {pk} = t.{pk} WHERE "
                          f"current_setting('transaction_isolation') <> 'read committed' AND "
                          f"(SELECT n FROM c) >= 0 AND "  # after the locks: no deadlock
-                         f"t.{pk} IN (SELECT k::{spec.pk_type} FROM g WHERE r = {self.rank[e]}"
-                         f" AND NOT x))")
+                         f"t.{pk} IN (SELECT k::{spec.pk_type} FROM {read} g WHERE r = "
+                         f"{self.rank[e]}))")
         return f"WITH {', '.join([*ctes, *bumps])} SELECT n FROM c"
 
     def _embedded(self) -> set[str]:
@@ -486,23 +494,24 @@ class _Builder:
         """The gate when every key it locks is one value a scalar expression gives (one key
         named per TVIEW, its parents by their fk): the lock calls in (rank, key hash) order in one
         target list, no CTE, sort or aggregate (the general gate costs PostgreSQL about three
-        times as much to start and run).  Under REPEATABLE READ the rows locked shared get
-        their no-op UPDATE from the catalog's function, called only then.  None: use the
-        general gate."""
+        times as much to start and run).  Each key is read once, in a LATERAL chain (a parent's
+        key from its child's).  Under REPEATABLE READ the rows locked shared get their no-op
+        UPDATE from the catalog's function, called only then: one call per row when no rank
+        has two keys, else one query in (rank, key) order.  None: use the general gate."""
         p = _Params(self.types)
-        rows: list[tuple[str, str, bool]] = []  # (entity, scalar SQL, exclusive)
+        rows: list[tuple[str, str, bool]] = []  # (entity, scalar SQL of its key, exclusive)
         embedded = self._embedded()
         needed = False
 
-        def up(e: str, expr: str, seen: tuple[str, ...]) -> bool:
+        def up(e: str, alias: str, seen: tuple[str, ...]) -> bool:
             for fk, parent in self.specs[e].embeds:
                 if parent in self.specs and parent not in seen:
                     src = self._parent_keys(e, fk)
                     if self.specs[parent].touch is None or "IN ({keys})" not in src:
                         return False
-                    pexpr = f"({src.replace('IN ({keys})', f'= {expr}')})"
-                    rows.append((parent, pexpr, False))
-                    if not up(parent, pexpr, (*seen, parent)):
+                    rows.append((parent, f"({src.replace('IN ({keys})', f'= {alias}.k')})",
+                                 False))
+                    if not up(parent, f"l{len(rows) - 1}", (*seen, parent)):
                         return False
             return True
 
@@ -514,44 +523,58 @@ class _Builder:
                 continue
             if not t.one or spec.tree is not None or self.full_reach(e):
                 return None
-            expr = f"({p.array(e)})[1]"
-            rows.append((e, expr, True))
-            if not up(e, expr, (e,)):
+            rows.append((e, f"({p.array(e)})[1]", True))
+            if not up(e, f"l{len(rows) - 1}", (e,)):
                 return None
             if spec.embeds or e in embedded:
                 needed = True
         if not needed:
             return None
+        keys = [f"l{i}.k::{self.specs[e].pk_type}::text" for i, (e, _, _) in enumerate(rows)]
+        source = ", ".join(
+            f"LATERAL (SELECT {sql} AS k OFFSET 0) l{i}" if i else f"(SELECT {sql} AS k) l{i}"
+            for i, (_, sql, _) in enumerate(rows))
         calls = [f"pg_advisory_xact_lock_shared({self.ns + 1}, {r})"
                  for r in sorted(self.rank[e] for e in entities)]
         by_rank: dict[int, list[tuple[str, bool]]] = {}
-        for e, expr, x in rows:
-            by_rank.setdefault(self.rank[e], []).append(
-                (f"({expr})::{self.specs[e].pk_type}::text", x))
+        for (e, _, x), k in zip(rows, keys, strict=True):
+            by_rank.setdefault(self.rank[e], []).append((k, x))
         for r in sorted(by_rank):
-            keys = by_rank[r]
-            if len(keys) == 1:
-                k, x = keys[0]
+            ranked = by_rank[r]
+            if len(ranked) == 1:
+                k, x = ranked[0]
                 fn = "pg_advisory_xact_lock" if x else "pg_advisory_xact_lock_shared"
                 calls.append(f"{fn}({self.ns}, hashtext('{r}:' || {k}))")
                 continue
-            values = ", ".join(f"({k}, {str(x).lower()})" for k, x in keys)
+            values = ", ".join(f"({k}, {str(x).lower()})" for k, x in ranked)
             calls.append(  # in the general gate's order: (rank, h), exclusive first
                 f"(SELECT count(CASE WHEN x THEN pg_advisory_xact_lock({self.ns}, h) "
                 f"ELSE pg_advisory_xact_lock_shared({self.ns}, h) END) FROM (SELECT "
                 f"hashtext('{r}:' || k) AS h, bool_or(x) AS x FROM (VALUES {values}) v(k, x) "
                 f"WHERE k IS NOT NULL GROUP BY k ORDER BY h, x DESC) o)")
-        if any(not x for _, _, x in rows):  # after the locks, in (rank, key) order
-            values = ", ".join(
-                f"({self._touch_row(e)}, ({expr})::{self.specs[e].pk_type}::text, "
-                f"{str(x).lower()})" for e, expr, x in rows)
-            touch = next(self.specs[e].touch for e, _, x in rows if not x)
-            calls.append(
-                f"CASE WHEN current_setting('transaction_isolation') <> 'read committed' THEN "
-                f"(SELECT count({touch}(tv::regclass, pk, typ::regtype, k)) FROM (SELECT r, tv,"
-                f" pk, typ, k FROM (VALUES {values}) v(r, tv, pk, typ, k, x) WHERE k IS NOT "
-                f"NULL GROUP BY r, tv, pk, typ, k HAVING NOT bool_or(x) ORDER BY r, k) o) END")
-        return f"SELECT {', '.join(calls)}", p
+        shared = [(e, k) for (e, _, x), k in zip(rows, keys, strict=True) if not x]
+        if shared:  # after the locks, in (rank, key) order
+            rr = "current_setting('transaction_isolation') <> 'read committed'"
+            touch = next(self.specs[e].touch for e, _ in shared)
+            if all(len(v) == 1 for v in by_rank.values()):
+                calls += [f"CASE WHEN {rr} THEN {touch}({self._touch_args(e)}, {k}) END"
+                          for e, k in sorted(shared, key=lambda s: self.rank[s[0]])]
+            else:
+                values = ", ".join(f"({self._touch_row(e)}, {k}, {str(x).lower()})"
+                                   for (e, _, x), k in zip(rows, keys, strict=True))
+                calls.append(
+                    f"CASE WHEN {rr} THEN (SELECT count({touch}(tv::regclass, pk, typ::regtype,"
+                    f" k)) FROM (SELECT r, tv, pk, typ, k FROM (VALUES {values}) v(r, tv, pk, "
+                    f"typ, k, x) WHERE k IS NOT NULL GROUP BY r, tv, pk, typ, k HAVING NOT "
+                    f"bool_or(x) ORDER BY r, k) o) END")
+        return f"SELECT {', '.join(calls)} FROM {source}", p
+
+    def _touch_args(self, e: str) -> str:
+        """The touch function's arguments but the key, for ``e``: tv_ table, pk column, type
+        (names resolved when called, as the general gate's are)."""
+        sp = self.specs[e]
+        return (f"{_literal(f'{q(sp.schema)}.{q(sp.table)}')}::text::regclass, "
+                f"{_literal(sp.pk)}, {_literal(sp.pk_type)}::text::regtype")
 
     def expand(self, entities: Sequence[str]) -> tuple[str, _Params] | None:
         p = _Params(self.types)
