@@ -199,6 +199,31 @@ def test_parse_bind_describe_decoding() -> None:
         D.parse_message(b"s1\x00select\x00\x00\x05")
 
 
+_PARAMS = st.lists(st.one_of(st.none(), st.binary(max_size=12)), max_size=6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=_PARAMS, nfmt=st.sampled_from([0, 1, -1]), data=st.data())
+def test_bind_param_reads_one_parameter_as_bind_params_reads_all(
+        values: list[bytes | None], nfmt: int, data: st.DataObject) -> None:
+    formats = [] if nfmt == 0 else [1] if nfmt == 1 else data.draw(
+        st.lists(st.sampled_from([0, 1]), min_size=len(values), max_size=len(values)))
+    body = b"p\x00s\x00" + struct.pack(f"!H{len(formats)}H", len(formats), *formats)
+    body += struct.pack("!H", len(values))
+    for v in values:
+        body += struct.pack("!i", -1) if v is None else struct.pack("!i", len(v)) + v
+    body += b"\x00\x00"
+    pos = D.bind_names(body)[2]
+    fmts, vals = D.bind_params(body, pos)
+    for i, v in enumerate(vals):
+        fmt = fmts[i] if len(fmts) > 1 else (fmts[0] if fmts else 0)
+        assert D.bind_param(body, pos, i) == (fmt, v)
+    assert D.bind_param(body, pos, len(values)) is None
+    if values and values[-1]:  # cut inside the last value: an error, never a short value
+        with pytest.raises(struct.error):
+            D.bind_param(body[:len(body) - 3], pos, len(values) - 1)
+
+
 def test_row_description_and_data_row() -> None:
     rd = B.row_description([("a", B.TEXT_OID), ("b", B.INT8_OID)])
     assert rd[0:1] == b"T" and struct.unpack_from("!H", rd, 5)[0] == 2

@@ -18,6 +18,24 @@ def test_failed_statement_keys_are_dropped() -> None:
     assert t.pending() == {"post": {1}}
 
 
+def test_record_is_touch_then_success() -> None:
+    a, b = TransactionTracker(), TransactionTracker()
+    for entity, pks in (("post", [1, 2]), ("post", [2]), ("user", [7]), ("post", [])):
+        a.record(entity, pks)
+        b.touch(entity, pks)
+        b.statement_succeeded()
+    a.savepoint("s")
+    b.savepoint("s")
+    a.record("post", [3])
+    b.touch("post", [3])
+    b.statement_succeeded()
+    assert a.pending() == b.pending() == {"post": {1, 2, 3}, "user": {7}}
+    assert a.take() == b.take() and a.taken_touches == b.taken_touches == {"post": 4, "user": 1}
+    a.touch("post", [9])  # a statement still running: its keys count with the recorded ones
+    a.record("user", [8])
+    assert a.pending() == {"post": {9}, "user": {8}}
+
+
 def test_rollback_to_keeps_the_savepoint_and_release_merges() -> None:
     t = TransactionTracker()
     t.touch("post", [1]); t.statement_succeeded()  # noqa: E702

@@ -234,3 +234,28 @@ def bind_params(body: bytes, pos: int) -> tuple[list[int], list[bytes | None]]:
     (nfmt,) = unpack_from("!H", body, pos)
     formats = list(unpack_from(f"!{nfmt}H", body, pos + 2))
     return formats, _values(body, pos + 2 + 2 * nfmt)
+
+
+def bind_param(body: bytes, pos: int, index: int) -> tuple[int, bytes | None] | None:
+    """Bind body from just after the statement name -> (format code, value) of parameter
+    ``index`` (0-based), the others skipped; None when there is no such parameter.  Raises
+    ``struct.error`` on a short body."""
+    (nfmt,) = unpack_from("!H", body, pos)
+    fpos = pos + 2
+    pos = fpos + 2 * nfmt
+    (n,) = unpack_from("!H", body, pos)
+    if index >= n:
+        return None
+    fmt = 0 if nfmt == 0 else unpack_from("!H", body, fpos + 2 * (index if nfmt > 1 else 0))[0]
+    pos += 2
+    for _ in range(index):
+        (size,) = unpack_from("!i", body, pos)
+        pos += 4 + max(size, 0)
+    (size,) = unpack_from("!i", body, pos)
+    if size < 0:
+        return fmt, None
+    pos += 4
+    if pos + size > len(body):
+        raise struct_error("Bind parameter past the end of the message")
+    return fmt, bytes(body[pos:pos + size])
+

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Hashable
 from dataclasses import dataclass
+from struct import error as struct_error
 from typing import TYPE_CHECKING, Any
 
 from tvproxy.log import get_logger
@@ -229,7 +230,6 @@ class CaptureHooks:
     def _touch(self, cat: RuntimeCatalog, w: WriteCapture, keys: list[Hashable] | None,
                pre: list[tuple[bytes, object]]) -> None:
         tracker = self.tracker
-        tracker.touch(w.entity, keys if keys is not None else [ALL_KEYS])
         if self.span is not None:  # what the counters may show for this captured write
             name = cat.audit_name.get(w.table, w.table)
             n = -1 if keys is None or self.span.get(name, 0) < 0 else len(keys)
@@ -237,6 +237,14 @@ class CaptureHooks:
         # an upsert's DO UPDATE moves children too
         old_values_needed = w.op not in ("insert", "update") or w.assigns_key_columns
         parents = cat.aggregated_into.get(w.entity, ())
+        full_on = cat.full_on.get(w.entity, ())
+        if not (parents and old_values_needed) and not full_on and not (
+                w.assigns_pk and keys is not None):  # only the keys written: the common case
+            tracker.record(w.entity, keys if keys is not None else [ALL_KEYS])
+            if not self.started:
+                self.started = time.monotonic()
+            return
+        tracker.touch(w.entity, keys if keys is not None else [ALL_KEYS])
         if parents and old_values_needed:
             if keys is None:
                 for parent in parents:
@@ -244,7 +252,7 @@ class CaptureHooks:
             else:  # the children's parents before the statement changes them
                 for parent, sql in cat.preimage.get(w.entity, ()):
                     pre.append((preimage_batch(sql, keys), parent))
-        for e in cat.full_on.get(w.entity, ()):
+        for e in full_on:
             tracker.touch(e, [ALL_KEYS])
         if w.assigns_pk and keys is not None:
             tracker.touch(w.entity, [ALL_KEYS])  # the new pk is not in the statement
@@ -456,15 +464,8 @@ class CaptureHooks:
         cat = self._catalog()
         pre: list[tuple[bytes, object]] = []
         st = self._prepared(prepared, pre, cat)
-        formats: list[int] = []
-        values: list[bytes | None] = []
-        if st.writes:
-            try:
-                formats, values = D.bind_params(body, pos)
-            except Exception:  # noqa: BLE001 - the server rejects a malformed Bind itself
-                formats, values = [], []
         for w in st.writes:
-            self._touch(cat, w, _bound_keys(w, formats, values, cat), pre)
+            self._touch(cat, w, _bound_keys(w, body, pos, cat), pre)
         if name and (st.writes or st.kind & Kind.OPAQUE):
             self._wrap(pre, True)
         return self._send(pre)
@@ -535,23 +536,41 @@ BEGIN_IN_BATCH = (B.close_statement(b"tvproxy_begin") + B.parse(b"tvproxy_begin"
 BEGIN_IN_BATCH_REPLIES = 4
 
 
-def _bound_keys(w: WriteCapture, formats: list[int], values: list[bytes | None],
-                cat: RuntimeCatalog) -> list[Hashable] | None:
-    """The keys of a write from its literals and the Bind's parameters (None: unknown)."""
-    keys: list[Hashable] = []
+def _bound_keys(w: WriteCapture, body: bytes, pos: int, cat: RuntimeCatalog
+                ) -> list[Hashable] | None:
+    """The keys of a write from its literals and the parameters of its Bind (``body`` from
+    ``pos``, just after the statement name; None: unknown).  A key or two is read from its own
+    parameter; more, from all of them decoded once."""
     if w.keys is None:
         return None
     pk_type = cat.key_types.get(w.entity, "text")
-    for ref in w.keys:
-        if ref.param is None:
-            keys.append(ref.value)
-            continue
-        i = ref.param - 1
-        if ref.array or i >= len(values):
-            return None
-        fmt = formats[i] if len(formats) > 1 else (formats[0] if formats else 0)
-        key = decode_param(values[i], fmt, pk_type)
-        if key is None:
-            return None
-        keys.append(key)
+    formats: list[int] = []
+    values: list[bytes | None] | None = None
+    try:
+        if sum(1 for ref in w.keys if ref.param is not None) > 2:
+            formats, values = D.bind_params(body, pos)
+        keys: list[Hashable] = []
+        for ref in w.keys:
+            if ref.param is None:
+                keys.append(ref.value)
+                continue
+            i = ref.param - 1
+            if ref.array:
+                return None
+            if values is None:
+                got = D.bind_param(body, pos, i)
+                if got is None:
+                    return None
+                fmt, value = got
+            else:
+                if i >= len(values):
+                    return None
+                fmt = formats[i] if len(formats) > 1 else (formats[0] if formats else 0)
+                value = values[i]
+            key = decode_param(value, fmt, pk_type)
+            if key is None:
+                return None
+            keys.append(key)
+    except (struct_error, ValueError, UnicodeDecodeError):
+        return None  # a malformed Bind or value: the server rejects it itself
     return keys

@@ -42,6 +42,25 @@ class TransactionTracker:
         """Keys written by the statement now running."""
         self._statement.setdefault(entity, set()).update(pks)
 
+    def record(self, entity: str, pks: Iterable[Hashable]) -> None:
+        """Keys written by a statement that count at once: ``touch`` then
+        ``statement_succeeded`` in one step."""
+        if self._statement:
+            self.touch(entity, pks)
+            self.statement_succeeded()
+            return
+        keys = set(pks)
+        if not keys:
+            return
+        level = self._levels[-1]
+        held = level.get(entity)
+        if held is None:
+            level[entity] = keys
+        else:
+            held |= keys
+        counts = self._counts[-1]
+        counts[entity] = counts.get(entity, 0) + len(keys)
+
     def statement_succeeded(self) -> None:
         _merge(self._levels[-1], self._statement)
         counts = self._counts[-1]
