@@ -258,4 +258,3 @@ def bind_param(body: bytes, pos: int, index: int) -> tuple[int, bytes | None] | 
     if pos + size > len(body):
         raise struct_error("Bind parameter past the end of the message")
     return fmt, bytes(body[pos:pos + size])
-

@@ -93,16 +93,14 @@ def plan_messages(plan: RefreshPlan, server: Any = None) -> tuple[bytes, tuple[b
             out.append(B.parse(b"", sql.encode()))
         values = []
         for p in params:
-            v = texts.get(id(p), _UNSET)
-            if v is _UNSET:
+            v = texts.get(id(p))
+            if v is None:
                 v = texts[id(p)] = B.text_value(p)
             values.append(v)
         out.append(B.bind(name, values))
         out.append(B.EXECUTE)
     return b"".join(out), tuple(new)
 
-
-_UNSET: Any = object()
 
 
 @dataclass(frozen=True)

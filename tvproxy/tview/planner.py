@@ -440,12 +440,15 @@ class _Builder:
             f"SELECT v.{q(fk)} FROM {q(spec.schema)}.{q(spec.view)} v WHERE v.{q(spec.pk)} IN "
             f"({{keys}})")
 
-    def _touch_row(self, e: str) -> str:
-        """``rank, tv_ table, pk column, pk type`` of ``e`` as SQL literals (the arguments of
-        the catalog's touch function but the key)."""
+    def _touch_literals(self, e: str) -> tuple[str, str, str]:
+        """``e``'s tv_ table, pk column and pk type as SQL literals (the arguments of the
+        catalog's touch function but the key)."""
         sp = self.specs[e]
-        return (f"{self.rank[e]}, {_literal(f'{q(sp.schema)}.{q(sp.table)}')}, "
-                f"{_literal(sp.pk)}, {_literal(sp.pk_type)}")
+        return _literal(f"{q(sp.schema)}.{q(sp.table)}"), _literal(sp.pk), _literal(sp.pk_type)
+
+    def _touch_row(self, e: str) -> str:
+        """``rank, tv_ table, pk column, pk type`` of ``e``: a VALUES row for the touch query."""
+        return ", ".join((str(self.rank[e]), *self._touch_literals(e)))
 
     def gate(self, entities: Sequence[str]) -> tuple[str, _Params] | None:
         one = self._gate_one(entities)
@@ -570,11 +573,10 @@ class _Builder:
         return f"SELECT {', '.join(calls)} FROM {source}", p
 
     def _touch_args(self, e: str) -> str:
-        """The touch function's arguments but the key, for ``e``: tv_ table, pk column, type
-        (names resolved when called, as the general gate's are)."""
-        sp = self.specs[e]
-        return (f"{_literal(f'{q(sp.schema)}.{q(sp.table)}')}::text::regclass, "
-                f"{_literal(sp.pk)}, {_literal(sp.pk_type)}::text::regtype")
+        """The touch function's arguments but the key, for a direct call (names resolved when
+        called, as the VALUES rows' are)."""
+        tv, pk, typ = self._touch_literals(e)
+        return f"{tv}::text::regclass, {pk}, {typ}::text::regtype"
 
     def expand(self, entities: Sequence[str]) -> tuple[str, _Params] | None:
         p = _Params(self.types)

@@ -238,27 +238,26 @@ class CaptureHooks:
         old_values_needed = w.op not in ("insert", "update") or w.assigns_key_columns
         parents = cat.aggregated_into.get(w.entity, ())
         full_on = cat.full_on.get(w.entity, ())
-        if not (parents and old_values_needed) and not full_on and not (
-                w.assigns_pk and keys is not None):  # only the keys written: the common case
-            tracker.record(w.entity, keys if keys is not None else [ALL_KEYS])
-            if not self.started:
-                self.started = time.monotonic()
-            return
-        tracker.touch(w.entity, keys if keys is not None else [ALL_KEYS])
-        if parents and old_values_needed:
-            if keys is None:
-                for parent in parents:
-                    tracker.touch(parent, [ALL_KEYS])
-            else:  # the children's parents before the statement changes them
-                for parent, sql in cat.preimage.get(w.entity, ()):
-                    pre.append((preimage_batch(sql, keys), parent))
-        for e in full_on:
-            tracker.touch(e, [ALL_KEYS])
-        if w.assigns_pk and keys is not None:
-            tracker.touch(w.entity, [ALL_KEYS])  # the new pk is not in the statement
+        written = keys if keys is not None else [ALL_KEYS]
         # keys count from the moment the statement is sent: a statement that fails costs at
         # most a refresh that finds nothing changed
-        tracker.statement_succeeded()
+        if not (parents and old_values_needed) and not full_on and not (
+                w.assigns_pk and keys is not None):  # only the keys written: the common case
+            tracker.record(w.entity, written)
+        else:
+            tracker.touch(w.entity, written)
+            if parents and old_values_needed:
+                if keys is None:
+                    for parent in parents:
+                        tracker.touch(parent, [ALL_KEYS])
+                else:  # the children's parents before the statement changes them
+                    for parent, sql in cat.preimage.get(w.entity, ()):
+                        pre.append((preimage_batch(sql, keys), parent))
+            for e in full_on:
+                tracker.touch(e, [ALL_KEYS])
+            if w.assigns_pk and keys is not None:
+                tracker.touch(w.entity, [ALL_KEYS])  # the new pk is not in the statement
+            tracker.statement_succeeded()
         if not self.started:
             self.started = time.monotonic()
 
@@ -547,7 +546,7 @@ def _bound_keys(w: WriteCapture, body: bytes, pos: int, cat: RuntimeCatalog
     formats: list[int] = []
     values: list[bytes | None] | None = None
     try:
-        if sum(1 for ref in w.keys if ref.param is not None) > 2:
+        if len(w.keys) > 2:  # an IN list: one pass over the parameters
             formats, values = D.bind_params(body, pos)
         keys: list[Hashable] = []
         for ref in w.keys:
