@@ -459,12 +459,15 @@ class _Builder:
         parents: list[str] = []  # CTEs: the parent keys of one level, read once
         needed = False
 
-        def up(e: str, sql: str, seen: tuple[str, ...]) -> None:
+        def up(e: str, sql: str, seen: tuple[str, ...], arr: str | None = None) -> None:
             for fk, parent in self.specs[e].embeds:
                 if parent in self.specs and parent not in seen:
                     name = f"p{len(parents)}"
-                    parents.append(f"{name} AS MATERIALIZED ("
-                                   f"{self._parent_keys(e, fk).replace('{keys}', sql)})")
+                    src = self._parent_keys(e, fk)
+                    if arr is not None and "IN ({keys})" in src:
+                        # keys named by value: one index scan for all (as the refresh reads)
+                        src = src.replace("IN ({keys})", f"= ANY({arr})")
+                    parents.append(f"{name} AS MATERIALIZED ({src.replace('{keys}', sql)})")
                     psql = f"SELECT * FROM {name}"
                     rows.append((parent, psql, False))
                     up(parent, psql, (*seen, parent))
@@ -480,7 +483,8 @@ class _Builder:
                 continue
             sql = " UNION ".join(parts)
             rows.append((e, sql, True))
-            up(e, sql, (e,))
+            named = parts == [f"SELECT unnest({p.array(e)})"]
+            up(e, sql, (e,), f"{p.array(e)}::{self.types[e]}[]" if named else None)
             reads = self.tree_reads(p, e)
             rows += reads
             t = self.shape.get(e)
@@ -617,19 +621,30 @@ class _Builder:
                 f" SELECT 1 AS keys, (SELECT count(*) FROM up) AS upserted,"
                 f" (SELECT count(*) FROM del) AS deleted, 0 AS cascaded"), p
         if only_named:
-            keyset = f"SELECT unnest({p.array(e)}) AS pk"
+            # keys named by value: one index scan of the view's pk for all of them (the
+            # planner takes an array it cannot see for ten keys, so nested loops), cheaper than
+            # a lookup per key; their count is the array's
+            arr = f"{p.array(e)}::{self.types[e]}[]"
+            return (
+                f"WITH src AS MATERIALIZED (SELECT {cols} FROM {view} WHERE {pk} = ANY({arr})),"
+                f" up AS (INSERT INTO {tv} AS t ({cols}) SELECT {cols} FROM src"
+                f" ON CONFLICT ({pk}) DO UPDATE SET {assign}"
+                f" WHERE ROW({old}) IS DISTINCT FROM ROW({new}) RETURNING 1),"
+                f" del AS (DELETE FROM {tv} t WHERE (SELECT count(*) FROM src) <"
+                f" cardinality({arr}) AND t.{pk} = ANY({arr})"
+                f" AND NOT EXISTS (SELECT 1 FROM src WHERE src.{pk} = t.{pk}) RETURNING 1)"
+                f" SELECT cardinality({arr}) AS keys, (SELECT count(*) FROM up) AS upserted,"
+                f" (SELECT count(*) FROM del) AS deleted, 0 AS cascaded"), p
+        sql = self.keys(p, e, (), True)
+        keyset = f"SELECT DISTINCT pk FROM ({sql}) s(pk) WHERE pk IS NOT NULL"
+        if t is not None and (t.every or t.conditions):
             cascaded = "0"
+        elif t is not None and t.named:
+            # (an array expression: ALL of a bare subquery would compare with its rows)
+            cascaded = (f"(SELECT count(*) FROM k WHERE pk <> ALL({p.array(e)}::"
+                        f"{self.types[e]}[]))")
         else:
-            sql = self.keys(p, e, (), True)
-            keyset = f"SELECT DISTINCT pk FROM ({sql}) s(pk) WHERE pk IS NOT NULL"
-            if t is not None and (t.every or t.conditions):
-                cascaded = "0"
-            elif t is not None and t.named:
-                # (an array expression: ALL of a bare subquery would compare with its rows)
-                cascaded = (f"(SELECT count(*) FROM k WHERE pk <> ALL({p.array(e)}::"
-                            f"{self.types[e]}[]))")
-            else:
-                cascaded = "(SELECT count(*) FROM k)"
+            cascaded = "(SELECT count(*) FROM k)"
         sql = (
             f"WITH k AS MATERIALIZED ({keyset}),"
             # one lookup of the view per key (OFFSET 0 keeps it a lookup): the cost grows with
