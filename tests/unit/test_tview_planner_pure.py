@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from tvproxy.tview.planner import TviewSpec, plan_refresh
 
@@ -63,3 +64,37 @@ def test_general_gate_for_key_sets_and_old_catalogs() -> None:
     assert _gate({"post": {7, 8}}).startswith("WITH ")  # a set of keys
     untouchable = {e: dataclasses.replace(s, touch=None) for e, s in SPECS.items()}
     assert _gate({"post": {7}}, untouchable).startswith("WITH ")  # no touch function yet
+
+
+def _placeholders(sql: str) -> set[int]:
+    return {int(m) for m in re.findall(r"\$(\d+)", sql)}
+
+
+def test_named_key_sets_are_read_by_one_index_scan() -> None:
+    plan = plan_refresh(SPECS, ORDER, {"post": {7, 8, 9}}, TYPES, 100, fk_sources=FK)
+    assert plan is not None
+    gate, refresh = plan.statements[0], plan.statements[-1]
+    arr = "ANY((SELECT $1::bigint[])::bigint[])"
+    # the posts' authors in one scan of tb_post's pk; their companies from those rows
+    assert f'FROM "public"."tb_post" WHERE "pk_post" = {arr}' in gate
+    assert '"pk_user" IN (SELECT * FROM p0)' in gate
+    # the view read by the array too; the keys counted by it (no key CTE, no lookup per key)
+    assert refresh.startswith(f'WITH src AS MATERIALIZED (SELECT "pk_post", "id", "fk_user", '
+                              f'"data" FROM "public"."v_post" WHERE "pk_post" = {arr})')
+    assert "LATERAL" not in refresh and "unnest" not in refresh
+    assert "SELECT cardinality((SELECT $1::bigint[])::bigint[]) AS keys" in refresh
+    assert plan.params[-1] == ([7, 8, 9],)
+
+
+def test_keys_derived_from_children_bind_only_their_own_parameters() -> None:
+    """A post's keys computed from written comments (an aggregation): the gate reads them from
+    the comments and binds the comments' keys alone."""
+    derived = {"post": [("comment", 'SELECT "fk_post" FROM "public"."tb_comment" WHERE '
+                                    '"pk_comment" IN ({keys})')]}
+    touched = {"comment": {1, 2}}
+    plan = plan_refresh(SPECS, ORDER, touched, {**TYPES, "comment": "bigint"}, 100,
+                        derived=derived, fk_sources=FK)
+    assert plan is not None
+    for sql, params in zip(plan.statements, plan.params, strict=True):
+        assert _placeholders(sql) <= set(range(1, len(params) + 1))
+        assert all(p == [1, 2] for p in params)

@@ -483,7 +483,8 @@ class _Builder:
                 continue
             sql = " UNION ".join(parts)
             rows.append((e, sql, True))
-            named = parts == [f"SELECT unnest({p.array(e)})"]
+            # (p.array numbers a parameter: only for keys the plan binds already)
+            named = e in p.slots and parts == [f"SELECT unnest({p.array(e)})"]
             up(e, sql, (e,), f"{p.array(e)}::{self.types[e]}[]" if named else None)
             reads = self.tree_reads(p, e)
             rows += reads
