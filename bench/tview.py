@@ -536,20 +536,37 @@ def _proc_cpu(pid: int, children: bool = False) -> float:
     return ticks / _HZ
 
 
+def _children(postmaster: int) -> set[int]:
+    """The live (not yet reaped) child processes of ``postmaster``."""
+    out = set()
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            if int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1]) == postmaster:
+                out.add(int(d))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def wait_reaped(postmaster: int, before: set[int], timeout: float = 10.0) -> None:
+    """Wait until the backends a run started have exited and been reaped: a backend that is
+    exiting (or a zombie) shows no CPU in /proc, and the postmaster's cutime gets it only once
+    it has waited for it, so reading earlier loses the run's direct connections."""
+    deadline = time.monotonic() + timeout
+    while _children(postmaster) - before and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def cluster_cpu(postmaster: int) -> float:
     """CPU seconds used so far by this cluster: the postmaster, its live children (backends,
     autovacuum, ...) and the children that already exited (counted in its cutime/cstime).
     Other PostgreSQL clusters on the machine are not counted."""
     total = _proc_cpu(postmaster, children=True)
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{d}/stat").read_text()
-            if int(stat.rsplit(")", 1)[1].split()[1]) == postmaster:
-                total += _proc_cpu(int(d))
-        except (OSError, ValueError, IndexError):
-            continue
+    for pid in _children(postmaster):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += _proc_cpu(pid)
     return total
 
 
@@ -816,6 +833,7 @@ class TviewBench(Bench):
         argv += ["--max-tries", "10"]
         pm = self.postmaster_pid()
         try:
+            before = _children(pm) if pm else set()
             pg0 = cluster_cpu(pm) if pm else None
             px0 = _proc_cpu(t.proc.pid) if t.proc is not None else None
         except OSError:
@@ -824,6 +842,7 @@ class TviewBench(Bench):
         n = res.get("transactions") or 0
         try:
             if pg0 is not None and n:
+                wait_reaped(pm, before)
                 res["pg_cpu_ms_per_xact"] = round((cluster_cpu(pm) - pg0) / n * 1e3, 3)
             if px0 is not None and t.proc is not None and n:
                 res["pooler_cpu_ms_per_xact"] = round((_proc_cpu(t.proc.pid) - px0) / n * 1e3, 3)
