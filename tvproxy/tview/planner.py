@@ -609,33 +609,37 @@ class _Builder:
         only_named = (t is not None and t.named and not t.every and not t.conditions
                       and not self.has_expansion(e)
                       and not any(c in self.shape for c, _ in self.derived.get(e, ())))
+
+        def statement(head: str, gone: str, keys: str, cascaded: str = "0") -> str:
+            """``head`` (CTEs ending in ``src``, the view's rows of the keys), the upsert of
+            them, the delete of the keys' rows ``gone`` from the view, and the counts."""
+            return (
+                f"WITH {head}, up AS (INSERT INTO {tv} AS t ({cols}) SELECT {cols} FROM src"
+                f" ON CONFLICT ({pk}) DO UPDATE SET {assign}"
+                f" WHERE ROW({old}) IS DISTINCT FROM ROW({new}) RETURNING 1),"
+                f" del AS (DELETE FROM {tv} t WHERE {gone} RETURNING 1)"
+                f" SELECT {keys} AS keys, (SELECT count(*) FROM up) AS upserted,"
+                f" (SELECT count(*) FROM del) AS deleted, {cascaded} AS cascaded")
+
+        # a key missing from src is a row to delete; with as many src rows as keys there is
+        # none (src has one row per key at most: the upsert fails on a second one), and the
+        # one-time filter skips the delete's lookups of the keys
+        missing = f"NOT EXISTS (SELECT 1 FROM src WHERE src.{pk} = t.{pk})"
         if only_named and t is not None and t.one:
             # one key (the common OLTP commit): the view row read by it, no key set to build
             key = f"({p.array(e)})[1]"
-            return (
-                f"WITH src AS MATERIALIZED (SELECT {cols} FROM {view} WHERE {pk} = {key}),"
-                f" up AS (INSERT INTO {tv} AS t ({cols}) SELECT {cols} FROM src"
-                f" ON CONFLICT ({pk}) DO UPDATE SET {assign}"
-                f" WHERE ROW({old}) IS DISTINCT FROM ROW({new}) RETURNING 1),"
-                f" del AS (DELETE FROM {tv} t WHERE NOT EXISTS (SELECT 1 FROM src) AND"
-                f" t.{pk} = {key} RETURNING 1)"
-                f" SELECT 1 AS keys, (SELECT count(*) FROM up) AS upserted,"
-                f" (SELECT count(*) FROM del) AS deleted, 0 AS cascaded"), p
+            return statement(
+                f"src AS MATERIALIZED (SELECT {cols} FROM {view} WHERE {pk} = {key})",
+                f"NOT EXISTS (SELECT 1 FROM src) AND t.{pk} = {key}", "1"), p
         if only_named:
             # keys named by value: one index scan of the view's pk for all of them (the
             # planner takes an array it cannot see for ten keys, so nested loops), cheaper than
             # a lookup per key; their count is the array's
             arr = f"{p.array(e)}::{self.types[e]}[]"
-            return (
-                f"WITH src AS MATERIALIZED (SELECT {cols} FROM {view} WHERE {pk} = ANY({arr})),"
-                f" up AS (INSERT INTO {tv} AS t ({cols}) SELECT {cols} FROM src"
-                f" ON CONFLICT ({pk}) DO UPDATE SET {assign}"
-                f" WHERE ROW({old}) IS DISTINCT FROM ROW({new}) RETURNING 1),"
-                f" del AS (DELETE FROM {tv} t WHERE (SELECT count(*) FROM src) <"
-                f" cardinality({arr}) AND t.{pk} = ANY({arr})"
-                f" AND NOT EXISTS (SELECT 1 FROM src WHERE src.{pk} = t.{pk}) RETURNING 1)"
-                f" SELECT cardinality({arr}) AS keys, (SELECT count(*) FROM up) AS upserted,"
-                f" (SELECT count(*) FROM del) AS deleted, 0 AS cascaded"), p
+            return statement(
+                f"src AS MATERIALIZED (SELECT {cols} FROM {view} WHERE {pk} = ANY({arr}))",
+                f"(SELECT count(*) FROM src) < cardinality({arr}) AND t.{pk} = ANY({arr})"
+                f" AND {missing}", f"cardinality({arr})"), p
         sql = self.keys(p, e, (), True)
         keyset = f"SELECT DISTINCT pk FROM ({sql}) s(pk) WHERE pk IS NOT NULL"
         if t is not None and (t.every or t.conditions):
@@ -646,25 +650,13 @@ class _Builder:
                         f"{self.types[e]}[]))")
         else:
             cascaded = "(SELECT count(*) FROM k)"
-        sql = (
-            f"WITH k AS MATERIALIZED ({keyset}),"
-            # one lookup of the view per key (OFFSET 0 keeps it a lookup): the cost grows with
-            # the keys, whatever the estimates of a generic plan and the size of the tables
-            f" src AS MATERIALIZED (SELECT v.* FROM k, LATERAL (SELECT {cols} FROM {view}"
-            f" WHERE {pk} = k.pk OFFSET 0) v),"
-            f" up AS (INSERT INTO {tv} AS t ({cols}) SELECT {cols} FROM src"
-            f" ON CONFLICT ({pk}) DO UPDATE SET {assign}"
-            f" WHERE ROW({old}) IS DISTINCT FROM ROW({new}) RETURNING 1),"
-            # a key missing from src is a row to delete; with as many src rows as keys there
-            # is none (src has one row per key at most: the upsert fails on a second one), and
-            # the one-time filter skips the delete's lookups of the keys
-            f" del AS (DELETE FROM {tv} t WHERE (SELECT count(*) FROM src) <"
-            f" (SELECT count(*) FROM k) AND t.{pk} IN (SELECT pk FROM k)"
-            f" AND NOT EXISTS (SELECT 1 FROM src WHERE src.{pk} = t.{pk}) RETURNING 1)"
-            f" SELECT (SELECT count(*) FROM k) AS keys, (SELECT count(*) FROM up) AS upserted,"
-            f" (SELECT count(*) FROM del) AS deleted, {cascaded} AS cascaded"
-        )
-        return sql, p
+        # one lookup of the view per key (OFFSET 0 keeps it a lookup): the cost grows with the
+        # keys, whatever the estimates of a generic plan and the size of the tables
+        return statement(
+            f"k AS MATERIALIZED ({keyset}), src AS MATERIALIZED (SELECT v.* FROM k, LATERAL"
+            f" (SELECT {cols} FROM {view} WHERE {pk} = k.pk OFFSET 0) v)",
+            f"(SELECT count(*) FROM src) < (SELECT count(*) FROM k) AND t.{pk} IN"
+            f" (SELECT pk FROM k) AND {missing}", "(SELECT count(*) FROM k)", cascaded), p
 
 
 def plan_refresh(
