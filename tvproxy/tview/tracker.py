@@ -48,8 +48,18 @@ class TransactionTracker:
         if self._statement:
             self.touch(entity, pks)
             self.statement_succeeded()
-            return
-        keys = set(pks)
+        else:
+            self._count(entity, set(pks))
+
+    def statement_succeeded(self) -> None:
+        for entity, pks in self._statement.items():
+            self._count(entity, pks)
+        self._statement = {}
+
+    def _count(self, entity: str, keys: set[Hashable]) -> None:
+        """Keys of a statement that succeeded into the current level (``keys`` is kept)."""
+        counts = self._counts[-1]
+        counts[entity] = counts.get(entity, 0) + len(keys)
         if not keys:
             return
         level = self._levels[-1]
@@ -58,15 +68,6 @@ class TransactionTracker:
             level[entity] = keys
         else:
             held |= keys
-        counts = self._counts[-1]
-        counts[entity] = counts.get(entity, 0) + len(keys)
-
-    def statement_succeeded(self) -> None:
-        _merge(self._levels[-1], self._statement)
-        counts = self._counts[-1]
-        for entity, pks in self._statement.items():
-            counts[entity] = counts.get(entity, 0) + len(pks)
-        self._statement = {}
 
     def statement_failed(self) -> None:
         self._statement = {}
