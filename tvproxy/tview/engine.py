@@ -102,7 +102,6 @@ def plan_messages(plan: RefreshPlan, server: Any = None) -> tuple[bytes, tuple[b
     return b"".join(out), tuple(new)
 
 
-
 @dataclass(frozen=True)
 class _Talk:
     """A statement of the engine's conversation on the client's server (TVIEW DDL)."""
