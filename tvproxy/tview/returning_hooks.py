@@ -129,7 +129,7 @@ class ReturningHooks:
         prepared = self.stmts.get(name)
         writes = prepared.statement.writes if prepared is not None else ()
         rw = None
-        if writes:
+        if writes and prepared is not None and prepared.fast is None:  # (one key: never)
             cat = self.engine.catalog(client.database)
             if not cat.empty:
                 rw = self._returning_rewrite(client, text, writes, cat)

@@ -132,7 +132,41 @@ class Audit:
     txn: int = 0  # the client's transaction it belongs to
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
+class FastBind:
+    """How a Bind of a statement that writes one key of one entity, named by one parameter,
+    records it: nothing else happens at such a Bind inside a transaction (the common write of
+    an OLTP transaction, bound again and again)."""
+
+    entity: str
+    param: int  # 0-based
+    pk_type: str
+
+
+def _one_key_write(w: WriteCapture, cat: RuntimeCatalog) -> bool:
+    """Whether recording the key a write names is all there is to do for it (no pre-image of
+    old parents, no full refresh, no pk it sets: :meth:`CaptureHooks._touch`'s common case,
+    where :meth:`~ReturningHooks._returning_rewrite` appends nothing either)."""
+    return (w.op in ("insert", "update", "delete") and not w.assigns_pk
+            and not cat.full_on.get(w.entity) and not (
+                cat.aggregated_into.get(w.entity)
+                and (w.op == "delete" or w.assigns_key_columns)))
+
+
+def fast_bind(st: Statement, cat: RuntimeCatalog) -> FastBind | None:
+    """The :class:`FastBind` of a statement, or None when its Bind needs the whole path."""
+    if st.kind != Kind.WRITE or len(st.writes) != 1:
+        return None
+    w = st.writes[0]
+    if w.keys is None or len(w.keys) != 1 or w.has_returning or not _one_key_write(w, cat):
+        return None
+    ref = w.keys[0]
+    if ref.param is None or ref.array:
+        return None
+    return FastBind(w.entity, ref.param - 1, cat.key_types.get(w.entity, "text"))
+
+
+@dataclass(frozen=True, slots=True)
 class Prepared:
     """A statement the client prepared that concerns the engine."""
 
@@ -140,6 +174,7 @@ class Prepared:
     statement: Statement
     analyzer: Analyzer  # the analysis is of that catalog's analyzer
     deferred: bool  # named: effects at every Bind, not at the Parse
+    fast: FastBind | None = None
 
 
 @dataclass(frozen=True)
@@ -391,6 +426,17 @@ class CaptureHooks:
         self.hold = True
         if not st.kind and self.span is None:
             return self._send(pre)  # nothing the engine follows (and no audit to close first)
+        if (st.kind == Kind.WRITE and self.in_block and not pre and self.span is None
+                and not self.ret_live and not self.inflight and len(st.writes) == 1):
+            w = st.writes[0]
+            keys = w.keys
+            if (keys is not None and len(keys) == 1 and keys[0].param is None
+                    and not w.has_returning and _one_key_write(w, cat)):
+                # one key of one entity written inside a block: all that happens is its record
+                self.tracker.record(w.entity, (keys[0].value,))
+                if not self.started:
+                    self.started = time.monotonic()
+                return None
         self._statement(st, pre, cat)
         writes = st.writes
         if not writes:
@@ -428,16 +474,25 @@ class CaptureHooks:
         sql = text.decode("utf-8", "replace")
         an = self.db.analyzer
         st = an.analyze(sql)
+        if not name:
+            last = self.stmts.get(b"")
+            if (last is not None and last.statement is st and last.fast is not None
+                    and last.analyzer is an and (self.in_block or self.wrapped)
+                    and self.span is None and not self.ret_live and not self.inflight):
+                # the same one-key write again (its texts may differ in literals that hold
+                # no key): what it does comes at its Bind
+                self.stmts[b""] = Prepared(sql, st, an, False, last.fast)
+                return None
         if not st.kind & _MATTERS:
             self.stmts.pop(name, None)
             return None
         if name:
-            self.stmts[name] = Prepared(sql, st, an, True)
+            self.stmts[name] = Prepared(sql, st, an, True, fast_bind(st, an.catalog))
             return None
         pre: list[tuple[bytes, object]] = []
         self._statement(st, pre, cat)
         if st.writes or st.kind & Kind.OPAQUE:
-            self.stmts[name] = Prepared(sql, st, an, False)
+            self.stmts[name] = Prepared(sql, st, an, False, fast_bind(st, an.catalog))
             self._wrap(pre, True)  # before the Parse: a Query in between would drop it
         else:
             self.stmts.pop(name, None)
@@ -460,6 +515,20 @@ class CaptureHooks:
         prepared = self.stmts.get(name)
         if prepared is None:
             return None
+        fast = prepared.fast
+        if (fast is not None and (self.in_block or self.wrapped) and self.span is None
+                and not self.ret_live and not self.inflight
+                and prepared.analyzer.catalog is self.cat is self.db.catalog):
+            try:
+                got = D.bind_param(body, pos, fast.param)
+                key = None if got is None else decode_param(got[1], got[0], fast.pk_type)
+            except (struct_error, ValueError, UnicodeDecodeError):
+                key = None  # a malformed Bind or value: the whole path says what it is
+            if key is not None:
+                self.tracker.record(fast.entity, (key,))
+                if not self.started:
+                    self.started = time.monotonic()
+                return None
         cat = self._catalog()
         pre: list[tuple[bytes, object]] = []
         st = self._prepared(prepared, pre, cat)

@@ -287,6 +287,9 @@ class Analyzer:
         # texts whose literals hold no key (a parameterised statement with a constant in it,
         # as drivers send them at every Parse): their Statement, without normalising again
         self._fixed: dict[str, Statement] = {}
+        # the shape a text last matched: statements of one shape come in runs (a loop, a
+        # transaction writing the same row again), tried before the rough lookup
+        self._last: _Shape | None = None
         self.parses = 0  # pglast parses so far (for tests and measurements)
         self.normalized = 0  # texts normalised so far (for tests and measurements)
 
@@ -296,10 +299,16 @@ class Analyzer:
             hit = self._fixed.get(sql)
         if hit is not None:
             return hit
+        last = self._last
+        if last is not None:
+            st = last.match(sql)
+            if st is not None:
+                return st
         rough = _ROUGH.sub("?", sql)
         for entry in self._rough.get(rough, ()):
             st = entry.match(sql)
             if st is not None:
+                self._last = entry
                 return st
         low = sql.lower()
         kind = self._candidates(sql, low)
@@ -344,6 +353,7 @@ class Analyzer:
             known = self._rough.get(rough, ())
             if not any(e is entry for e in known):
                 _put(self._rough, rough, (entry, *known[:MAX_ROUGH - 1]))
+            self._last = entry
         return st
 
     # --- the cheap tests ------------------------------------------------------------------
