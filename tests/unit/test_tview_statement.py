@@ -246,3 +246,34 @@ def test_the_texts_of_a_shape_are_read_without_aligning_them() -> None:
     finally:
         statement.literal_spans = real  # type: ignore[assignment]
     assert len(calls) == 2 and a.parses == 1
+
+
+def test_a_run_of_one_shape_skips_the_rough_lookup() -> None:
+    """Statements of one shape come in runs: the shape a text last matched is tried first, and
+    a text of another shape in between is still told apart by its own pattern."""
+    import tvproxy.tview.statement as statement
+
+    a = analyzer()
+    a.analyze("UPDATE tb_user SET email = 'a' WHERE pk_user = 1")
+    a.analyze("DELETE FROM tb_post WHERE pk_post = 1")
+    roughs = []
+    real = statement._ROUGH
+
+    class Counting:
+        def sub(self, repl: str, sql: str) -> str:
+            roughs.append(sql)
+            return real.sub(repl, sql)
+
+    statement._ROUGH = Counting()  # type: ignore[assignment]
+    try:
+        for i in range(2, 7):
+            st = a.analyze(f"UPDATE tb_user SET email = 'u{i}' WHERE pk_user = {i}")
+            assert st.writes[0].keys == (KeyRef(value=i),)
+        assert len(roughs) == 1  # the first of the run only: then its shape is the last one
+        st = a.analyze("DELETE FROM tb_post WHERE pk_post = 42")
+        assert st.writes[0].table == "tb_post" and st.writes[0].keys == (KeyRef(value=42),)
+        st = a.analyze("UPDATE tb_user SET email = 'z' WHERE pk_user = 9")
+        assert st.writes[0].table == "tb_user" and st.writes[0].keys == (KeyRef(value=9),)
+    finally:
+        statement._ROUGH = real
+    assert a.normalized == 2

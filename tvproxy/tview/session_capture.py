@@ -1,7 +1,9 @@
 """Engine glue for what a client's statements do: the part of :class:`TviewSession` that takes
 each statement text (Query, Parse, Bind) through one analysis (tview/statement.py) and records
 its effects: transaction control, tracked keys, the opaque-writes audit, read-your-writes, and
-the end of implicit transactions in one round trip (:meth:`CaptureHooks.close_now`).
+the end of implicit transactions in one round trip (:meth:`CaptureHooks.close_now`).  The
+common write of an OLTP transaction, one key of one entity named by a parameter or a literal,
+is recorded straight into the tracker inside a block (:class:`FastBind`), without the rest.
 
 Per-database state shared by the sessions: :class:`TviewDatabase` (the current catalog, whether
 it has TVIEWs at all, its analyzer), kept by :class:`CatalogMap` (the engine's ``catalogs``):
