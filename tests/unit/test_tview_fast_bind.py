@@ -1,12 +1,12 @@
 """Which prepared writes a Bind records without the whole capture path
-(tview/session_capture.py: fast_bind), and that the decision agrees with what the whole path
+(tview/bound.py: fast_bind), and that the decision agrees with what the whole path
 would do for it."""
 
 from __future__ import annotations
 
+from tvproxy.tview.bound import FastBind, fast_bind
 from tvproxy.tview.capture import KeyRef, WriteCapture
 from tvproxy.tview.model import RuntimeCatalog
-from tvproxy.tview.session_capture import FastBind, fast_bind
 from tvproxy.tview.statement import Kind, Statement
 
 

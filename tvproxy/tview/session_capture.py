@@ -13,15 +13,13 @@ a session reads ``db.active`` (one attribute) to know whether the engine has any
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Hashable
 from dataclasses import dataclass
-from struct import error as struct_error
 from typing import TYPE_CHECKING, Any
 
 from tvproxy.log import get_logger
 from tvproxy.protocol import build as B
-from tvproxy.protocol import decode as D
+from tvproxy.tview.bound import FastBind, bound_keys, fast_bind, one_key_write
 from tvproxy.tview.capture import WriteCapture
 from tvproxy.tview.model import RuntimeCatalog
 from tvproxy.tview.opaque import baseline_sql, close_sql
@@ -97,21 +95,6 @@ def statement_messages(statements: tuple[str, ...] | list[str],
     return b"".join(out)
 
 
-def decode_param(value: bytes | None, fmt: int, pk_type: str) -> Hashable | None:
-    if value is None:
-        return None
-    if fmt == 0:
-        text = value.decode()
-        return int(text) if pk_type in ("bigint", "integer", "smallint") else text
-    if len(value) == 16 and pk_type == "uuid":
-        return str(uuid.UUID(bytes=value))
-    if pk_type in ("bigint", "integer", "smallint") and len(value) in (2, 4, 8):
-        return int.from_bytes(value, "big", signed=True)
-    if pk_type == "text" or pk_type.startswith("character"):
-        return value.decode()
-    return None
-
-
 def all_affected(cat: RuntimeCatalog, entity: str) -> list[str]:
     """Entities to refresh fully when every row of ``entity`` may have changed: itself, the
     TVIEWs aggregating it (old parents unknown) and those refreshed fully on it."""
@@ -132,40 +115,6 @@ class Audit:
     tables: tuple[str, ...] = ()  # for a comparison: the tables, in the order sent
     close: bool = False
     txn: int = 0  # the client's transaction it belongs to
-
-
-@dataclass(frozen=True, slots=True)
-class FastBind:
-    """How a Bind of a statement that writes one key of one entity, named by one parameter,
-    records it: nothing else happens at such a Bind inside a transaction (the common write of
-    an OLTP transaction, bound again and again)."""
-
-    entity: str
-    param: int  # 0-based
-    pk_type: str
-
-
-def _one_key_write(w: WriteCapture, cat: RuntimeCatalog) -> bool:
-    """Whether recording the key a write names is all there is to do for it (no pre-image of
-    old parents, no full refresh, no pk it sets: :meth:`CaptureHooks._touch`'s common case,
-    where :meth:`~ReturningHooks._returning_rewrite` appends nothing either)."""
-    return (w.op in ("insert", "update", "delete") and not w.assigns_pk
-            and not cat.full_on.get(w.entity) and not (
-                cat.aggregated_into.get(w.entity)
-                and (w.op == "delete" or w.assigns_key_columns)))
-
-
-def fast_bind(st: Statement, cat: RuntimeCatalog) -> FastBind | None:
-    """The :class:`FastBind` of a statement, or None when its Bind needs the whole path."""
-    if st.kind != Kind.WRITE or len(st.writes) != 1:
-        return None
-    w = st.writes[0]
-    if w.keys is None or len(w.keys) != 1 or w.has_returning or not _one_key_write(w, cat):
-        return None
-    ref = w.keys[0]
-    if ref.param is None or ref.array:
-        return None
-    return FastBind(w.entity, ref.param - 1, cat.key_types.get(w.entity, "text"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -433,7 +382,7 @@ class CaptureHooks:
             w = st.writes[0]
             keys = w.keys
             if (keys is not None and len(keys) == 1 and keys[0].param is None
-                    and not w.has_returning and _one_key_write(w, cat)):
+                    and not w.has_returning and one_key_write(w, cat)):
                 # one key of one entity written inside a block: all that happens is its record
                 self.tracker.record(w.entity, (keys[0].value,))
                 if not self.started:
@@ -521,11 +470,7 @@ class CaptureHooks:
         if (fast is not None and (self.in_block or self.wrapped) and self.span is None
                 and not self.ret_live and not self.inflight
                 and prepared.analyzer.catalog is self.cat is self.db.catalog):
-            try:
-                got = D.bind_param(body, pos, fast.param)
-                key = None if got is None else decode_param(got[1], got[0], fast.pk_type)
-            except (struct_error, ValueError, UnicodeDecodeError):
-                key = None  # a malformed Bind or value: the whole path says what it is
+            key = fast.key(body, pos)
             if key is not None:
                 self.tracker.record(fast.entity, (key,))
                 if not self.started:
@@ -535,7 +480,7 @@ class CaptureHooks:
         pre: list[tuple[bytes, object]] = []
         st = self._prepared(prepared, pre, cat)
         for w in st.writes:
-            self._touch(cat, w, _bound_keys(w, body, pos, cat), pre)
+            self._touch(cat, w, bound_keys(w, body, pos, cat), pre)
         if name and (st.writes or st.kind & Kind.OPAQUE):
             self._wrap(pre, True)
         return self._send(pre)
@@ -604,43 +549,3 @@ class CaptureHooks:
 BEGIN_IN_BATCH = (B.close_statement(b"tvproxy_begin") + B.parse(b"tvproxy_begin", b"BEGIN")
                   + B.bind(b"tvproxy_begin", [], b"tvproxy_begin") + B.execute(b"tvproxy_begin"))
 BEGIN_IN_BATCH_REPLIES = 4
-
-
-def _bound_keys(w: WriteCapture, body: bytes, pos: int, cat: RuntimeCatalog
-                ) -> list[Hashable] | None:
-    """The keys of a write from its literals and the parameters of its Bind (``body`` from
-    ``pos``, just after the statement name; None: unknown).  A key or two is read from its own
-    parameter; more, from all of them decoded once."""
-    if w.keys is None:
-        return None
-    pk_type = cat.key_types.get(w.entity, "text")
-    formats: list[int] = []
-    values: list[bytes | None] | None = None
-    try:
-        if len(w.keys) > 2:  # an IN list: one pass over the parameters
-            formats, values = D.bind_params(body, pos)
-        keys: list[Hashable] = []
-        for ref in w.keys:
-            if ref.param is None:
-                keys.append(ref.value)
-                continue
-            i = ref.param - 1
-            if ref.array:
-                return None
-            if values is None:
-                got = D.bind_param(body, pos, i)
-                if got is None:
-                    return None
-                fmt, value = got
-            else:
-                if i >= len(values):
-                    return None
-                fmt = formats[i] if len(formats) > 1 else (formats[0] if formats else 0)
-                value = values[i]
-            key = decode_param(value, fmt, pk_type)
-            if key is None:
-                return None
-            keys.append(key)
-    except (struct_error, ValueError, UnicodeDecodeError):
-        return None  # a malformed Bind or value: the server rejects it itself
-    return keys
