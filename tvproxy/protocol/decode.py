@@ -148,10 +148,22 @@ def query_text(body: bytes) -> bytes:
     return bytes(body[:end])
 
 
+def _two_cstrs(body: bytes) -> tuple[int, int]:
+    """Ends of the first two strings of a message body (each at its NUL), for the messages read
+    on every statement (Parse, Bind): one ``find`` each."""
+    first = body.find(b"\x00")
+    second = body.find(b"\x00", first + 1) if first >= 0 else -1
+    if second < 0:
+        raise ProtocolError("invalid string in message")
+    return first, second
+
+
 def parse_message(body: bytes) -> tuple[bytes, bytes, int]:
     """Parse body -> (statement name, query text, offset where the query text starts)."""
-    name, pos = read_cstr(body, 0)
-    sql, end = read_cstr(body, pos)
+    if type(body) is not bytes:
+        body = bytes(body)
+    first, second = _two_cstrs(body)
+    name, sql, pos, end = body[:first], body[first + 1:second], first + 1, second + 1
     if end + 2 > len(body):
         raise ProtocolError("invalid Parse message")
     (nparams,) = unpack_from("!H", body, end)
@@ -162,9 +174,10 @@ def parse_message(body: bytes) -> tuple[bytes, bytes, int]:
 
 def bind_names(body: bytes) -> tuple[bytes, bytes, int]:
     """Bind body -> (portal, statement name, offset just after the statement name)."""
-    portal, pos = read_cstr(body, 0)
-    stmt, pos = read_cstr(body, pos)
-    return portal, stmt, pos
+    if type(body) is not bytes:
+        body = bytes(body)
+    first, second = _two_cstrs(body)
+    return body[:first], body[first + 1:second], second + 1
 
 
 def execute_portal(body: bytes) -> bytes:

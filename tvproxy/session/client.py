@@ -852,8 +852,9 @@ class ClientSession(asyncio.Protocol):
                         continue
                     tv = self.tview
                     if tv is not None and not expect and (
-                            tv.db.active or tv.wrapped or tv.reload_after
-                            or tv.in_block != (status != b"I")):  # a block opened or closed
+                            tv.wrapped or tv.reload_after or tv.in_block != (status != b"I")
+                            or tv.db.active and (status != b"T" or tv.failed)):
+                        # (a block opened or closed; inside one, only its failure matters)
                         # (followed even without TVIEWs: one may appear mid-transaction)
                         pre = tv.ready(self, status)
                         if pre:
