@@ -467,11 +467,13 @@ class CaptureHooks:
         if prepared is None:
             return None
         fast = prepared.fast
-        if (fast is not None and (self.in_block or self.wrapped) and self.span is None
-                and not self.ret_live and not self.inflight
+        if (fast is not None and (self.in_block or self.wrapped or prepared.deferred)
+                and self.span is None and not self.ret_live and not self.inflight
                 and prepared.analyzer.catalog is self.cat is self.db.catalog):
             key = fast.key(body, pos)
             if key is not None:
+                if not (self.in_block or self.wrapped):  # a named one in autocommit
+                    self._wrap([], True)  # PostgreSQL's implicit transaction is kept
                 self.tracker.record(fast.entity, (key,))
                 if not self.started:
                     self.started = time.monotonic()
