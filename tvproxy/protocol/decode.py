@@ -148,35 +148,33 @@ def query_text(body: bytes) -> bytes:
     return bytes(body[:end])
 
 
-def _two_cstrs(body: bytes) -> tuple[int, int]:
-    """Ends of the first two strings of a message body (each at its NUL), for the messages read
-    on every statement (Parse, Bind): one ``find`` each."""
+def _two_cstrs(body: bytes) -> tuple[bytes, int, int]:
+    """The body as bytes and the ends of its first two strings (each at its NUL), for the
+    messages read on every statement (Parse, Bind): one ``find`` each."""
+    if type(body) is not bytes:
+        body = bytes(body)
     first = body.find(b"\x00")
     second = body.find(b"\x00", first + 1) if first >= 0 else -1
     if second < 0:
         raise ProtocolError("invalid string in message")
-    return first, second
+    return body, first, second
 
 
 def parse_message(body: bytes) -> tuple[bytes, bytes, int]:
     """Parse body -> (statement name, query text, offset where the query text starts)."""
-    if type(body) is not bytes:
-        body = bytes(body)
-    first, second = _two_cstrs(body)
-    name, sql, pos, end = body[:first], body[first + 1:second], first + 1, second + 1
+    body, first, second = _two_cstrs(body)
+    end = second + 1
     if end + 2 > len(body):
         raise ProtocolError("invalid Parse message")
     (nparams,) = unpack_from("!H", body, end)
     if end + 2 + 4 * nparams != len(body):
         raise ProtocolError("invalid Parse message: bad parameter type count")
-    return name, sql, pos
+    return body[:first], body[first + 1:second], first + 1
 
 
 def bind_names(body: bytes) -> tuple[bytes, bytes, int]:
     """Bind body -> (portal, statement name, offset just after the statement name)."""
-    if type(body) is not bytes:
-        body = bytes(body)
-    first, second = _two_cstrs(body)
+    body, first, second = _two_cstrs(body)
     return body[:first], body[first + 1:second], second + 1
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from struct import error as struct_error
 
 from tvproxy.protocol import decode as D
-from tvproxy.tview.capture import WriteCapture
+from tvproxy.tview.capture import KeyRef, WriteCapture
 from tvproxy.tview.model import RuntimeCatalog
 from tvproxy.tview.statement import Kind, Statement
 
@@ -50,27 +50,30 @@ class FastBind:
             return None
 
 
-def one_key_write(w: WriteCapture, cat: RuntimeCatalog) -> bool:
-    """Whether recording the key a write names is all there is to do for it (no pre-image of
-    old parents, no full refresh, no pk it sets: :meth:`CaptureHooks._touch`'s common case,
-    where :meth:`~ReturningHooks._returning_rewrite` appends nothing either)."""
-    return (w.op in ("insert", "update", "delete") and not w.assigns_pk
-            and not cat.full_on.get(w.entity) and not (
-                cat.aggregated_into.get(w.entity)
-                and (w.op == "delete" or w.assigns_key_columns)))
+def only_key(st: Statement, cat: RuntimeCatalog) -> KeyRef | None:
+    """The one key a statement writes when recording it is all there is to do: one write of
+    one entity, its key named (not an array), no rows returned, no pre-image of old parents,
+    no full refresh, no pk it sets (:meth:`CaptureHooks._touch`'s common case, where
+    :meth:`~ReturningHooks._returning_rewrite` appends nothing either).  None otherwise."""
+    if st.kind != Kind.WRITE or len(st.writes) != 1:
+        return None
+    w = st.writes[0]
+    keys = w.keys
+    if (keys is None or len(keys) != 1 or keys[0].array or w.has_returning
+            or w.op not in ("insert", "update", "delete") or w.assigns_pk
+            or cat.full_on.get(w.entity)
+            or cat.aggregated_into.get(w.entity) and (w.op == "delete" or w.assigns_key_columns)):
+        return None
+    return keys[0]
 
 
 def fast_bind(st: Statement, cat: RuntimeCatalog) -> FastBind | None:
     """The :class:`FastBind` of a statement, or None when its Bind needs the whole path."""
-    if st.kind != Kind.WRITE or len(st.writes) != 1:
+    ref = only_key(st, cat)
+    if ref is None or ref.param is None:
         return None
-    w = st.writes[0]
-    if w.keys is None or len(w.keys) != 1 or w.has_returning or not one_key_write(w, cat):
-        return None
-    ref = w.keys[0]
-    if ref.param is None or ref.array:
-        return None
-    return FastBind(w.entity, ref.param - 1, cat.key_types.get(w.entity, "text"))
+    entity = st.writes[0].entity
+    return FastBind(entity, ref.param - 1, cat.key_types.get(entity, "text"))
 
 
 def bound_keys(w: WriteCapture, body: bytes, pos: int, cat: RuntimeCatalog

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from tvproxy.log import get_logger
 from tvproxy.protocol import build as B
-from tvproxy.tview.bound import FastBind, bound_keys, fast_bind, one_key_write
+from tvproxy.tview.bound import FastBind, bound_keys, fast_bind, only_key
 from tvproxy.tview.capture import WriteCapture
 from tvproxy.tview.model import RuntimeCatalog
 from tvproxy.tview.opaque import baseline_sql, close_sql
@@ -213,6 +213,17 @@ class CaptureHooks:
 
     # --- recording keys -------------------------------------------------------------------
 
+    def _only_records(self) -> bool:
+        """Nothing but recording a one-key write can happen now: no audit span open, no keys
+        still on their way (appended RETURNING, pre-images, injected batches)."""
+        return self.span is None and not self.ret_live and not self.inflight
+
+    def _record(self, entity: str, key: Hashable) -> None:
+        """A one-key write (:func:`~tvproxy.tview.bound.only_key`) in the tracker."""
+        self.tracker.record(entity, (key,))
+        if not self.started:
+            self.started = time.monotonic()
+
     def _touch(self, cat: RuntimeCatalog, w: WriteCapture, keys: list[Hashable] | None,
                pre: list[tuple[bytes, object]]) -> None:
         tracker = self.tracker
@@ -377,16 +388,11 @@ class CaptureHooks:
         self.hold = True
         if not st.kind and self.span is None:
             return self._send(pre)  # nothing the engine follows (and no audit to close first)
-        if (st.kind == Kind.WRITE and self.in_block and not pre and self.span is None
-                and not self.ret_live and not self.inflight and len(st.writes) == 1):
-            w = st.writes[0]
-            keys = w.keys
-            if (keys is not None and len(keys) == 1 and keys[0].param is None
-                    and not w.has_returning and one_key_write(w, cat)):
+        if self.in_block and not pre and self._only_records():
+            ref = only_key(st, cat)
+            if ref is not None and ref.param is None:
                 # one key of one entity written inside a block: all that happens is its record
-                self.tracker.record(w.entity, (keys[0].value,))
-                if not self.started:
-                    self.started = time.monotonic()
+                self._record(st.writes[0].entity, ref.value)
                 return None
         self._statement(st, pre, cat)
         writes = st.writes
@@ -429,7 +435,7 @@ class CaptureHooks:
             last = self.stmts.get(b"")
             if (last is not None and last.statement is st and last.fast is not None
                     and last.analyzer is an and (self.in_block or self.wrapped)
-                    and self.span is None and not self.ret_live and not self.inflight):
+                    and self._only_records()):
                 # the same one-key write again (its texts may differ in literals that hold
                 # no key): what it does comes at its Bind
                 self.stmts[b""] = Prepared(sql, st, an, False, last.fast)
@@ -468,15 +474,13 @@ class CaptureHooks:
             return None
         fast = prepared.fast
         if (fast is not None and (self.in_block or self.wrapped or prepared.deferred)
-                and self.span is None and not self.ret_live and not self.inflight
+                and self._only_records()
                 and prepared.analyzer.catalog is self.cat is self.db.catalog):
             key = fast.key(body, pos)
             if key is not None:
                 if not (self.in_block or self.wrapped):  # a named one in autocommit
                     self._wrap([], True)  # PostgreSQL's implicit transaction is kept
-                self.tracker.record(fast.entity, (key,))
-                if not self.started:
-                    self.started = time.monotonic()
+                self._record(fast.entity, key)
                 return None
         cat = self._catalog()
         pre: list[tuple[bytes, object]] = []
